@@ -1,0 +1,134 @@
+"""Plugin discovery for hosts that have none (mergekit 0.1.5, lm-eval 0.4.13).
+
+`meav_merge_hook.pth` imports this module at interpreter start. It must stay cheap:
+no torch, no mergekit, no lm_eval imports here. It installs a meta-path finder that
+runs a callback right after one of a few host modules finishes executing:
+
+- ``mergekit.merge_methods``  -> register the ``meav`` merge method.
+- ``mergekit.plan``           -> validate ``meav`` recipes before planning (mergekit
+                                  silently ignores unknown parameter names).
+- ``mergekit.card``           -> write MEAV model cards for ``meav`` merges.
+- ``lm_eval.tasks.manager``   -> add the package's task folder to every TaskManager.
+
+Every wrapper passes straight through unless the recipe's method is ``meav`` (or,
+for lm-eval, only adds a search path), so other merges are byte-for-byte unchanged.
+Set ``MEAV_MERGE_NO_HOOK=1`` to disable it.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+
+def _register_method(module) -> None:
+    from meav_merge.merge_method import register
+
+    register(module)
+
+
+def _wrap_planner(module) -> None:
+    original = module.MergePlanner.__init__
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    def __init__(self, config, *args, **kwargs):
+        if config.merge_method == "meav":
+            from meav_merge.merge_method import validate_recipe
+
+            validate_recipe(config)
+        original(self, config, *args, **kwargs)
+
+    __init__._meav_wrapped = True
+    module.MergePlanner.__init__ = __init__
+
+
+def _wrap_card(module) -> None:
+    original = module.generate_card
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    def generate_card(config, *args, **kwargs):
+        if config.merge_method == "meav":
+            from meav_merge.card import merge_card
+
+            return merge_card(config, *args, **kwargs)
+        return original(config, *args, **kwargs)
+
+    generate_card._meav_wrapped = True
+    module.generate_card = generate_card
+
+
+def _wrap_task_manager(module) -> None:
+    original = module.TaskManager.__init__
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    def __init__(self, *args, include_path=None, **kwargs):
+        from meav_merge.resources import eval_tasks_dir
+
+        ours = [str(eval_tasks_dir())]
+        if include_path is None:
+            paths = ours
+        elif isinstance(include_path, (list, tuple)):
+            paths = ours + list(include_path)  # the user's paths come later and win
+        else:
+            paths = ours + [include_path]
+        original(self, *args, include_path=paths, **kwargs)
+
+    __init__._meav_wrapped = True
+    module.TaskManager.__init__ = __init__
+
+
+CALLBACKS = {
+    "mergekit.merge_methods": _register_method,
+    "mergekit.plan": _wrap_planner,
+    "mergekit.card": _wrap_card,
+    "lm_eval.tasks.manager": _wrap_task_manager,
+}
+
+
+class _PostImportLoader(importlib.abc.Loader):
+    def __init__(self, loader, callback):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        callback = CALLBACKS.get(fullname)
+        if callback is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PostImportLoader(spec.loader, callback)
+        return spec
+
+
+def install() -> None:
+    if os.environ.get("MEAV_MERGE_NO_HOOK") == "1":
+        return
+    if any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _PostImportFinder())
+    # Modules imported before the hook (e.g. `import meav_merge` after mergekit in
+    # a notebook) get their callbacks now.
+    for name, callback in CALLBACKS.items():
+        if name in sys.modules:
+            callback(sys.modules[name])
+
+
+install()
