@@ -1,0 +1,324 @@
+"""The preference-data schema: one JSON object per line, in one of three shapes.
+
+Proficiency domains (medical, financial, legal, or any name you add with levels):
+    {"id", "domain", "persona", "query", "expert", "generic", "avoidance", "split"}
+Safety:       {"id", "domain": "safety", "query", "safe", "unsafe", "split"}
+Helpfulness:  {"id", "domain": "helpfulness", "query", "helpful", "unhelpful", "split"}
+
+Levels are listed best first; DPO pairs are adjacent levels (expert ≻ generic,
+generic ≻ avoidance; safe ≻ unsafe). ``split`` is train / validation / test, fixed
+and stored with the data (80% train, 20% test, 3% of train held for validation);
+files without it get the same deterministic assignment on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+PROFICIENCY_LEVELS = ("expert", "generic", "avoidance")
+DOMAIN_LEVELS: Dict[str, Tuple[str, ...]] = {
+    "medical": PROFICIENCY_LEVELS,
+    "financial": PROFICIENCY_LEVELS,
+    "legal": PROFICIENCY_LEVELS,
+    "safety": ("safe", "unsafe"),
+    "helpfulness": ("helpful", "unhelpful"),
+}
+SPLITS = ("train", "validation", "test")
+TEST_FRACTION = 0.20
+VALIDATION_FRACTION = 0.03  # of the train part, as in the paper
+DOMAIN_FILES = {d: f"{d}.jsonl" for d in DOMAIN_LEVELS}
+
+
+class DataError(ValueError):
+    """Bad preference data; the message starts with file:line."""
+
+
+def levels_for(domain: str) -> Tuple[str, ...]:
+    return DOMAIN_LEVELS.get(domain, PROFICIENCY_LEVELS)
+
+
+@dataclass
+class Record:
+    id: str
+    domain: str
+    query: str
+    responses: Dict[str, str]  # level -> text, best level first
+    persona: str = ""
+    split: str = ""
+    source: str = ""  # "file:line", for messages
+
+    @property
+    def levels(self) -> Tuple[str, ...]:
+        return tuple(self.responses)
+
+    def pairs(self) -> List[Tuple[str, str]]:
+        """(chosen, rejected) level pairs: adjacent levels, best first."""
+        lv = self.levels
+        return [(lv[i], lv[i + 1]) for i in range(len(lv) - 1)]
+
+    def to_json(self) -> dict:
+        out = {"id": self.id, "domain": self.domain}
+        if self.persona:
+            out["persona"] = self.persona
+        out["query"] = self.query
+        out.update(self.responses)
+        if self.split:
+            out["split"] = self.split
+        return out
+
+
+def _split_key(record_id: str) -> str:
+    return hashlib.sha256(record_id.encode()).hexdigest()
+
+
+def assign_splits(records: Sequence[Record]) -> None:
+    """Deterministic per-domain split by the hash of each id (order-independent)."""
+    by_domain: Dict[str, List[Record]] = defaultdict(list)
+    for r in records:
+        by_domain[r.domain].append(r)
+    for group in by_domain.values():
+        ordered = sorted(group, key=lambda r: _split_key(r.id))
+        n_test = round(len(ordered) * TEST_FRACTION)
+        n_val = max(1, round((len(ordered) - n_test) * VALIDATION_FRACTION)) if len(ordered) > n_test + 1 else 0
+        for i, r in enumerate(ordered):
+            r.split = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+
+
+def parse_record(obj, source: str, known_domains: Optional[Dict[str, Tuple[str, ...]]] = None) -> Record:
+    domains = known_domains or DOMAIN_LEVELS
+    if not isinstance(obj, dict):
+        raise DataError(f"{source}: a record must be a JSON object")
+    for key in ("id", "domain", "query"):
+        if not isinstance(obj.get(key), str) or not obj[key].strip():
+            raise DataError(f"{source}: missing or empty field '{key}'")
+    domain = obj["domain"]
+    if domain not in domains:
+        raise DataError(f"{source}: unknown domain '{domain}' (known: {', '.join(domains)})")
+    levels = domains[domain]
+    responses = {}
+    for level in levels:
+        value = obj.get(level)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{source}: missing or empty field '{level}'")
+        responses[level] = value.strip()
+    if levels == PROFICIENCY_LEVELS and not (isinstance(obj.get("persona"), str) and obj["persona"].strip()):
+        raise DataError(f"{source}: missing or empty field 'persona'")
+    split = obj.get("split", "")
+    if split and split not in SPLITS:
+        raise DataError(f"{source}: split must be one of {', '.join(SPLITS)}, not '{split}'")
+    texts = list(responses.values())
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            if _normalize(texts[i]) == _normalize(texts[j]):
+                raise DataError(f"{source}: levels '{levels[i]}' and '{levels[j]}' have identical text")
+    return Record(id=obj["id"], domain=domain, query=obj["query"].strip(), responses=responses,
+                  persona=(obj.get("persona") or "").strip(), split=split, source=source)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Record]:
+    """Parse one file strictly; the first problem raises DataError naming file:line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
+    records, ids = [], {}
+    for ln, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        src = f"{path}:{ln}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{src}: invalid JSON ({e.msg} at column {e.colno})") from None
+        rec = parse_record(obj, src)
+        if rec.id in ids:
+            raise DataError(f"{src}: duplicate id '{rec.id}' (first at line {ids[rec.id]})")
+        ids[rec.id] = ln
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    missing = [r for r in records if not r.split]
+    if missing and len(missing) < len(records):
+        raise DataError(f"{missing[0].source}: missing field 'split' (give it for every record or for none)")
+    if missing:
+        assign_splits(records)
+    return records
+
+
+def resolve_data_files(data: str | os.PathLike, domain: Optional[str] = None) -> List[Path]:
+    """A file, or a directory (its ``<domain>.jsonl``, or every *.jsonl)."""
+    p = Path(data)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        if domain is not None and (p / DOMAIN_FILES.get(domain, f"{domain}.jsonl")).is_file():
+            return [p / DOMAIN_FILES.get(domain, f"{domain}.jsonl")]
+        files = sorted(f for f in p.glob("*.jsonl") if not f.name.startswith("_"))
+        if files:
+            return files
+    raise DataError(f"{p}: no such data file or directory with .jsonl files")
+
+
+def load_records(data: str | os.PathLike, domain: Optional[str] = None, split: Optional[str] = None) -> List[Record]:
+    """Records of one domain (and split) from a file or a data directory."""
+    records: List[Record] = []
+    for f in resolve_data_files(data, domain):
+        records.extend(read_jsonl(f))
+    if domain is not None:
+        records = [r for r in records if r.domain == domain]
+        if not records:
+            raise DataError(f"{data}: no records for domain '{domain}'")
+    if split is not None:
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise DataError(f"{data}: no '{split}' records" + (f" for domain '{domain}'" if domain else ""))
+    return records
+
+
+def file_sha256(paths: Iterable[str | os.PathLike]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(str(x) for x in paths):
+        h.update(Path(p).read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+# --- validation -----------------------------------------------------------------------------
+_WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def words(text: str) -> List[str]:
+    return _WORD.findall(text.lower())
+
+
+def _grams(text: str, n: int = 5) -> set:
+    w = words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+NEAR_DUP_THRESHOLD = 0.5  # share of the smaller text's 5-grams
+
+
+def near_duplicates(records: Sequence[Record], fields: Sequence[str]) -> List[Tuple[Record, Record, str, float]]:
+    """Pairs of records whose query or same-level response share most word 5-grams.
+
+    An inverted index over 5-grams keeps this near-linear for large files.
+    """
+    found = []
+    for fld in fields:
+        index: Dict[tuple, List[int]] = defaultdict(list)
+        grams = []
+        for i, r in enumerate(records):
+            text = r.query if fld == "query" else r.responses.get(fld)
+            g = _grams(text) if text else set()
+            grams.append(g)
+            shared: Counter = Counter()
+            for gram in g:
+                bucket = index[gram]
+                if len(bucket) < 200:  # boilerplate grams say nothing about templating
+                    shared.update(bucket)
+                bucket.append(i)
+            for j, count in shared.items():
+                smaller = min(len(g), len(grams[j]))
+                if smaller and count / smaller > NEAR_DUP_THRESHOLD:
+                    found.append((records[j], r, fld, count / smaller))
+    return found
+
+
+@dataclass
+class FileReport:
+    path: Path
+    records: List[Record] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, Counter]:
+        out: Dict[str, Counter] = defaultdict(Counter)
+        for r in self.records:
+            out[r.domain][r.split] += 1
+        return out
+
+    def length_stats(self) -> Dict[str, dict]:
+        """Per 3-level domain: how often expert is longest / avoidance shortest."""
+        out = {}
+        by_domain: Dict[str, List[Record]] = defaultdict(list)
+        for r in self.records:
+            if r.levels == PROFICIENCY_LEVELS:
+                by_domain[r.domain].append(r)
+        for d, recs in by_domain.items():
+            lens = [[len(words(r.responses[lv])) for lv in PROFICIENCY_LEVELS] for r in recs]
+            out[d] = {
+                "expert_longest": sum(e > max(g, a) for e, g, a in lens) / len(lens),
+                "avoidance_shortest": sum(a < min(e, g) for e, g, a in lens) / len(lens),
+                "mean_words": {lv: sum(x[i] for x in lens) / len(lens) for i, lv in enumerate(PROFICIENCY_LEVELS)},
+            }
+        return out
+
+
+MAX_SHORTCUT = 0.60
+
+
+def validate_file(path: str | os.PathLike) -> FileReport:
+    """Collect every problem in one file (not only the first), each as file:line."""
+    path = Path(path)
+    rep = FileReport(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        rep.errors.append(f"{path}: cannot read ({e})")
+        return rep
+    first_line: Dict[str, int] = {}
+    for ln, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        src = f"{path}:{ln}"
+        try:
+            rec = parse_record(json.loads(line), src)
+        except json.JSONDecodeError as e:
+            rep.errors.append(f"{src}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        except DataError as e:
+            rep.errors.append(str(e))
+            continue
+        if rec.id in first_line:
+            rep.errors.append(f"{src}: duplicate id '{rec.id}' (first at line {first_line[rec.id]})")
+            continue
+        first_line[rec.id] = ln
+        if not rec.split:
+            rep.errors.append(f"{src}: missing field 'split' (run `meav data split {path}` to assign it)")
+        rep.records.append(rec)
+    if not rep.records and not rep.errors:
+        rep.errors.append(f"{path}: no records")
+    fields = ["query"] + sorted({lv for r in rep.records for lv in r.levels})
+    for a, b, fld, share in near_duplicates(rep.records, fields):
+        rep.errors.append(f"{b.source}: near-duplicate of line {a.source.rsplit(':', 1)[-1]} in '{fld}' "
+                          f"({share:.0%} of word 5-grams shared; templated text?)")
+    for d, st in rep.length_stats().items():
+        if st["expert_longest"] > MAX_SHORTCUT:
+            rep.errors.append(f"{path}: domain '{d}': expert is the longest response in {st['expert_longest']:.0%} "
+                              f"of records (at most {MAX_SHORTCUT:.0%}; length would give the level away)")
+        if st["avoidance_shortest"] > MAX_SHORTCUT:
+            rep.errors.append(f"{path}: domain '{d}': avoidance is the shortest response in "
+                              f"{st['avoidance_shortest']:.0%} of records (at most {MAX_SHORTCUT:.0%})")
+    return rep
+
+
+def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
