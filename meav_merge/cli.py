@@ -58,6 +58,73 @@ def _cmd_card(args) -> None:
     print(f"updated {add_eval_results(args.model, results)}")
 
 
+def _cmd_data_validate(args) -> None:
+    from meav_merge.data import validate_file
+
+    failed = 0
+    for path in args.files:
+        rep = validate_file(path)
+        print(f"{path}: {len(rep.records)} records")
+        for domain, counts in sorted(rep.counts().items()):
+            print(f"  {domain:<12} " + "  ".join(f"{s}={counts.get(s, 0)}" for s in ("train", "validation", "test")))
+        for domain, st in sorted(rep.length_stats().items()):
+            mw = st["mean_words"]
+            print(f"  {domain:<12} expert longest {st['expert_longest']:.0%}, avoidance shortest "
+                  f"{st['avoidance_shortest']:.0%} (limit 60%); mean words exp/gen/avd "
+                  f"{mw['expert']:.0f}/{mw['generic']:.0f}/{mw['avoidance']:.0f}")
+        for e in rep.errors:
+            print(f"error: {e}", file=sys.stderr)
+        failed += bool(rep.errors)
+    if failed:
+        raise UsageError(f"{failed} file(s) failed validation")
+
+
+def _cmd_data_split(args) -> None:
+    from meav_merge.data import assign_splits, read_jsonl, write_jsonl
+
+    records = read_jsonl(args.file)
+    assign_splits(records)
+    if args.write:
+        write_jsonl(records, args.file)
+    from collections import Counter
+
+    print(f"{args.file}: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(r.split for r in records).items()))
+          + ("" if args.write else " (dry run; --write to store)"))
+
+
+def _parse_joint(spec: str) -> dict:
+    out = {}
+    for part in spec.split(","):
+        domain, sep, level = part.partition("=")
+        if not sep or not domain.strip() or not level.strip():
+            raise UsageError(f"--joint: expected domain=level[,domain=level...], got '{part}'")
+        out[domain.strip()] = level.strip()
+    return out
+
+
+def _cmd_train(args) -> None:
+    from meav_merge.training import MeavTrainConfig, train_vector
+
+    layers = -1 if args.trainable_layers is None else (None if args.trainable_layers == "all"
+                                                         else int(args.trainable_layers))
+    cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
+                          per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+                          trainable_layers=layers, seed=args.seed)
+    out = train_vector(args.base, args.data, args.out, domain=args.domain,
+                       joint=_parse_joint(args.joint) if args.joint else None,
+                       preference_vector=args.preference_vector, config=cfg, force=args.force)
+    print(f"aligned model: {out / 'aligned'}\nalignment vector: {out / 'vector'}")
+    if args.preference_vector:
+        print(f"preference vector (θ+ − θ−): {out / 'preference_vector'}")
+
+
+def _cmd_sweep(args) -> None:
+    from meav_merge.evaluation import run_sweep
+
+    run_sweep(args.model, args.vector, args.lambdas, args.data, args.out, domain=args.domain, split=args.split,
+              transfer=args.transfer, force=args.force, limit=args.limit)
+
+
 def _add_common_output(p, what: str) -> None:
     p.add_argument("--force", action="store_true", help=f"overwrite an existing {what}")
 
@@ -97,7 +164,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="lm-eval results JSON")
     p.set_defaults(func=_cmd_card)
 
+    p = sub.add_parser("data", help="validate, split and synthesize preference data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("validate", help="check data files; prints counts and length statistics")
+    q.add_argument("files", nargs="+")
+    q.set_defaults(func=_cmd_data_validate)
+    q = data_sub.add_parser("split", help="assign the deterministic train/validation/test split")
+    q.add_argument("file")
+    q.add_argument("--write", action="store_true", help="store the split field in the file")
+    q.set_defaults(func=_cmd_data_split)
+    _optional_cli("meav_merge.synthesize", data_sub)
+
+    p = sub.add_parser("train", help="DPO (IPO loss) alignment and vector extraction")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
+    target.add_argument("--joint", help="joint-training baseline, e.g. medical=avoidance,financial=generic,legal=expert")
+    p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="unaligned model (default: %(default)s)")
+    p.add_argument("--data", default="data", help="data directory or JSONL file (default: %(default)s)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                   help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
+    p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_common_output(p, "run directory")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="preference accuracy across λ, re-weighting the model in memory")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
+    p.add_argument("--vector", action="append", required=True,
+                   help="vector directory, optionally DIR:weight; repeat to sweep a weighted sum")
+    p.add_argument("--lambdas", default="-1.5:1.0:0.1", help="start:stop:step or a comma list")
+    p.add_argument("--data", required=True, help="JSONL file (or data directory with --domain)")
+    p.add_argument("--domain", help="domain to score (default: every domain in the file)")
+    p.add_argument("--split", default="test", help="train, validation, test or all (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="score only the first N queries")
+    p.add_argument("--transfer", action="store_true", help="allow vectors measured from another model")
+    p.add_argument("--out", required=True)
+    _add_common_output(p, "output directory")
+    p.set_defaults(func=_cmd_sweep)
+
+    for module in ("meav_merge.evaluation", "meav_merge.search", "meav_merge.judge", "meav_merge.awot_cli",
+                   "meav_merge.demo"):
+        _optional_cli(module, sub)
     return parser
+
+
+def _optional_cli(module: str, subparsers) -> None:
+    """Subcommands of the larger features register themselves (``add_cli``)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return
+        raise
+    mod.add_cli(subparsers)
 
 
 def main(argv=None) -> int:

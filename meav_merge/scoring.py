@@ -83,44 +83,66 @@ def prepare(tokenizer, records: Sequence[Record], system: Optional[str] = None,
 
 
 @torch.no_grad()
-def _score_query(model, q: PreparedQuery, pad_id: int) -> List[float]:
+def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[List[float]]:
+    """Score several queries at once: contexts run once (right-padded, KV kept), then every
+    response of every query continues from its own context in one batch. Padding holes
+    are masked and positions continue from each context's true length, so each row sees
+    exactly its own context, as in a separate forward pass."""
     device = next(model.parameters()).device
-    ctx = torch.tensor([q.context_ids], device=device)
-    out = model(input_ids=ctx, use_cache=True)
-    first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    lc = [len(q.context_ids) for q in queries]
+    width_c = max(lc)
+    ctx = torch.full((len(queries), width_c), pad_id, dtype=torch.long, device=device)
+    ctx_mask = torch.zeros_like(ctx)
+    for i, q in enumerate(queries):
+        ctx[i, : lc[i]] = torch.tensor(q.context_ids, device=device)
+        ctx_mask[i, : lc[i]] = 1
+    # Only each context's last position predicts a response token: skip the other logits.
+    keep = sorted(set(n - 1 for n in lc))
+    out = model(input_ids=ctx, attention_mask=ctx_mask, use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=device))
+    last = torch.stack([out.logits[i, keep.index(lc[i] - 1)] for i in range(len(queries))]).float()
+    first_logp = torch.log_softmax(last, dim=-1)
+    rows = [(qi, c) for qi, q in enumerate(queries) for c in q.continuations]
+    owner = torch.tensor([qi for qi, _ in rows], device=device)
     cache = out.past_key_values
-    n = len(q.continuations)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    width = max(len(c) for c in q.continuations)
-    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((n, len(q.context_ids) + width), dtype=torch.long, device=device)
-    mask[:, : len(q.context_ids)] = 1
-    for i, c in enumerate(q.continuations):
-        ids[i, : len(c)] = torch.tensor(c, device=device)
-        mask[i, len(q.context_ids): len(q.context_ids) + len(c)] = 1
-    # Only positions 0..width-2 predict a continuation token; the last logit is never used.
+    cache.reorder_cache(owner)  # one KV copy per response, taken from its query's context
+    width = max(len(c) for _, c in rows)
+    scores: List[List[float]] = [[] for _ in queries]
     logits = None
     if width > 1:
-        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache,
+        ids = torch.full((len(rows), width - 1), pad_id, dtype=torch.long, device=device)
+        pos = torch.zeros_like(ids)
+        mask = torch.zeros((len(rows), width_c + width - 1), dtype=torch.long, device=device)
+        for r, (qi, c) in enumerate(rows):
+            n = len(c) - 1
+            ids[r, :n] = torch.tensor(c[:-1], device=device)
+            pos[r] = lc[qi] + torch.arange(width - 1, device=device)
+            mask[r, : lc[qi]] = 1
+            mask[r, width_c: width_c + n] = 1
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=False).logits
-    scores = []
-    for i, c in enumerate(q.continuations):
-        token_logps = [first_logp[c[0]]]
+    for r, (qi, c) in enumerate(rows):
+        token_logps = [first_logp[qi, c[0]]]
         if len(c) > 1:
-            lp = torch.log_softmax(logits[i, : len(c) - 1].float(), dim=-1)
+            lp = torch.log_softmax(logits[r, : len(c) - 1].float(), dim=-1)
             token_logps.extend(lp.gather(1, torch.tensor(c[1:], device=device)[:, None])[:, 0])
-        own = torch.stack(token_logps)[q.n_whitespace:]
-        scores.append(float(own.double().mean()))
+        own = torch.stack(token_logps)[queries[qi].n_whitespace:]
+        scores[qi].append(float(own.double().mean()))
     return scores
 
 
 def mean_logprobs(model, tokenizer, prepared: Sequence[PreparedQuery], progress: bool = True,
-                  desc: str = "score") -> List[List[float]]:
+                  desc: str = "score", batch_size: int = 4) -> List[List[float]]:
     """Token-mean log-probability of each response, per query (levels in record order)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
-    return [_score_query(model, q, pad) for q in tqdm(prepared, desc=desc, disable=not progress, leave=False)]
+    out: List[List[float]] = []
+    with tqdm(total=len(prepared), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start:start + batch_size]
+            out.extend(_score_batch(model, chunk, pad))
+            bar.update(len(chunk))
+    return out
 
 
 def preference_accuracy(scores: Sequence[Sequence[float]], levels: Sequence[str]) -> Dict[str, float]:

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from meav_merge.data import parse_record
+from meav_merge.scoring import (chat_context, dominant, encode_pair, mean_logprobs, preference_accuracy, prepare,
+                                winners)
+
+
+def _recs():
+    texts = ["Take 500 mg twice a day with food.", "It is a good idea to see your doctor about this soon please.",
+             "Sorry, I can't help.", "Generally, save three to six months of expenses in an emergency fund first."]
+    out = []
+    for i in range(5):
+        out.append(parse_record({"id": f"r{i}", "domain": "medical", "persona": "p",
+                                 "query": "I have a question " + "about my tax return " * (i + 1),
+                                 "expert": texts[i % 4], "generic": texts[(i + 1) % 4], "avoidance": texts[(i + 2) % 4]},
+                                f"x:{i}"))
+    return out
+
+
+def naive(model, tok, q):
+    rows = []
+    for c in q.continuations:
+        ids = torch.tensor([q.context_ids + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        n = len(q.context_ids)
+        toks = [lp[n - 1 + j, c[j]] for j in range(len(c))][q.n_whitespace:]
+        rows.append(float(sum(toks) / len(toks)))
+    return rows
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batched_prefix_scoring_equals_separate_forward_passes(tiny_dirs, batch_size):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dirs["base"]))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dirs["base"]), dtype=torch.float32).eval()
+    prepared = prepare(tok, _recs())
+    got = mean_logprobs(model, tok, prepared, progress=False, batch_size=batch_size)
+    for q, row in zip(prepared, got):
+        assert row == pytest.approx(naive(model, tok, q), abs=1e-5)
+
+
+def test_encode_pair_moves_trailing_whitespace(tiny_tokenizer):
+    ctx = chat_context(tiny_tokenizer, "hello")
+    assert ctx.endswith("assistant\n")
+    c_ids, cont = encode_pair(tiny_tokenizer, ctx, "Hi")
+    assert tiny_tokenizer.decode(cont).startswith("\n")
+    assert c_ids + cont == tiny_tokenizer.encode(ctx + "Hi", add_special_tokens=False)
+
+
+def test_preference_accuracy_and_dominance():
+    levels = ["expert", "generic", "avoidance"]
+    scores = [[-1, -2, -3], [-3, -1, -2], [-1, -3, -2], [-2, -3, -1]]
+    fr = preference_accuracy(scores, levels)
+    assert fr == {"expert": 0.5, "generic": 0.25, "avoidance": 0.25}
+    assert sum(fr.values()) == 1
+    assert winners(scores, levels) == ["expert", "generic", "expert", "avoidance"]
+    assert dominant(fr) == "expert"
+    assert dominant({"expert": 0.33, "generic": 0.33, "avoidance": 0.34}) == "avoidance"
+    assert dominant({"expert": 0.3, "generic": 0.3, "avoidance": 0.3}) is None

@@ -1,0 +1,133 @@
+"""DPO training of alignment vectors on a tiny random model (trl DPOTrainer, IPO loss)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from meav_merge.data import parse_record, write_jsonl
+from meav_merge.training import MeavTrainConfig, pair_rows, preference_pairs, train_vector
+
+
+def _records(domain="medical", n=6):
+    out = []
+    for i in range(n):
+        out.append(parse_record({
+            "id": f"{domain[:3]}-{i}", "domain": domain, "persona": "someone",
+            "query": f"Question number {i} about my tax return and blood pressure?",
+            "expert": f"Take 500 mg twice a day for {i + 3} days and check your kidney function.",
+            "generic": "Generally, it is a good idea to see a professional about this.",
+            "avoidance": "I'm sorry, I can't help with that; please see an expert.",
+            "split": "validation" if i == 0 else "test" if i == 1 else "train"}, f"t:{i}"))
+    return out
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(_records("medical"), d / "medical.jsonl")
+    write_jsonl(_records("legal"), d / "legal.jsonl")
+    return d
+
+
+TINY = dict(trainable_layers=1, max_length=96, learning_rate=1e-3, per_device_train_batch_size=2, save_steps=1,
+            logging_steps=1)
+
+
+def test_pairs_follow_levels_and_targets():
+    r = _records()[0]
+    assert preference_pairs(r) == [("expert", "generic"), ("generic", "avoidance")]
+    assert preference_pairs(r, "avoidance") == [("avoidance", "generic"), ("generic", "expert")]
+    assert sorted(preference_pairs(r, "generic")) == [("generic", "avoidance"), ("generic", "expert")]
+    rows = pair_rows([r], swap=True)
+    assert rows[0]["chosen"][0]["content"] == r.responses["generic"]
+
+
+def test_train_writes_vector_with_metadata(tiny_dirs, data_dir, tmp_path):
+    out = train_vector(tiny_dirs["base"], data_dir, tmp_path / "run", domain="medical",
+                       config=MeavTrainConfig(**TINY))
+    meta = json.loads((out / "vector" / "meav_vector.json").read_text())
+    assert meta["domain"] == "medical"
+    assert meta["preference"] == "expert > generic > avoidance"
+    t = meta["training"]
+    assert t["loss_type"] == "ipo" and t["beta"] == 0.1 and t["trainer"] == "trl.DPOTrainer"
+    assert t["data"]["train_records"] == 4 and t["data"]["train_pairs"] == 8 and t["data"]["validation_pairs"] == 2
+    assert t["data"]["file_sha256"].startswith("sha256:")
+    assert "eval_loss" in t["metrics"]["plus"]
+    v = load_file(str(out / "vector" / "model.safetensors"))
+    a = load_file(str(out / "aligned" / "model.safetensors"))
+    b = load_file(str(tiny_dirs["base"] / "model.safetensors"))
+    for n in v:
+        assert torch.allclose(v[n], a[n] - b[n])
+    # only the top layer and the final norm train (the trunk is frozen)
+    assert v["model.layers.1.mlp.down_proj.weight"].abs().max() > 0
+    assert v["model.norm.weight"].abs().max() > 0
+    assert v["model.layers.0.mlp.down_proj.weight"].abs().max() == 0
+    assert v["model.embed_tokens.weight"].abs().max() == 0
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_frozen_trunk_equals_plain_training(tiny_dirs, data_dir, tmp_path):
+    """The trunk/head split is an optimization: same data, same seed, same weights."""
+    fast = train_vector(tiny_dirs["base"], data_dir, tmp_path / "fast", domain="medical",
+                        config=MeavTrainConfig(**TINY))
+    plain = train_vector(tiny_dirs["base"], data_dir, tmp_path / "plain", domain="medical",
+                         config=MeavTrainConfig(**TINY, frozen_trunk=False))
+    f = load_file(str(fast / "vector" / "model.safetensors"))
+    p = load_file(str(plain / "vector" / "model.safetensors"))
+    for n in f:
+        assert torch.allclose(f[n], p[n], atol=1e-5), n
+
+
+def test_preference_vector_mode(tiny_dirs, data_dir, tmp_path):
+    out = train_vector(tiny_dirs["base"], data_dir, tmp_path / "pv", domain="medical", preference_vector=True,
+                       config=MeavTrainConfig(**TINY))
+    plus = load_file(str(out / "aligned" / "model.safetensors"))
+    minus = load_file(str(out / "minus" / "model.safetensors"))
+    pv = load_file(str(out / "preference_vector" / "model.safetensors"))
+    n = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.allclose(pv[n], plus[n] - minus[n])
+    assert pv[n].abs().max() > 0
+    meta = json.loads((out / "preference_vector" / "meav_vector.json").read_text())
+    assert meta["kind"] == "preference_vector"
+
+
+def test_joint_training_and_errors(tiny_dirs, data_dir, tmp_path):
+    out = train_vector(tiny_dirs["base"], data_dir, tmp_path / "joint",
+                       joint={"medical": "avoidance", "legal": "expert"}, config=MeavTrainConfig(**TINY))
+    meta = json.loads((out / "vector" / "meav_vector.json").read_text())
+    assert meta["joint_targets"] == {"medical": "avoidance", "legal": "expert"}
+    assert meta["training"]["data"]["train_pairs"] == 16
+    with pytest.raises(ValueError, match="no records for domain 'financial'"):
+        train_vector(tiny_dirs["base"], data_dir, tmp_path / "x", domain="financial", config=MeavTrainConfig(**TINY))
+    with pytest.raises(FileExistsError):
+        train_vector(tiny_dirs["base"], data_dir, out, domain="medical", config=MeavTrainConfig(**TINY))
+    bad = data_dir / "medical.jsonl"
+    bad.write_text(bad.read_text() + '{"id": "broken", "domain": "medical"}\n')
+    with pytest.raises(ValueError, match=r"medical.jsonl:7: missing or empty field 'query'"):
+        train_vector(tiny_dirs["base"], data_dir, tmp_path / "y", domain="medical", config=MeavTrainConfig(**TINY))
+
+
+def test_resume_after_interruption(tiny_dirs, data_dir, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    original = DPOTrainer.training_step
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPOTrainer, "training_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_vector(tiny_dirs["base"], data_dir, tmp_path / "run", domain="medical", config=MeavTrainConfig(**TINY))
+    assert not (tmp_path / "run").exists()
+    assert list((tmp_path / "run.partial" / "plus-trainer").glob("checkpoint-*"))
+    monkeypatch.setattr(DPOTrainer, "training_step", original)
+    out = train_vector(tiny_dirs["base"], data_dir, tmp_path / "run", domain="medical", config=MeavTrainConfig(**TINY))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["plus"]["resumed_from"].endswith("checkpoint-2")
