@@ -226,12 +226,15 @@ def run_dpo(base: str | os.PathLike, train_rows: List[dict], eval_rows: List[dic
             tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
             for p in prompts.values())
     trainer_cls = _frozen_trunk_trainer() if head is not None else DPOTrainer
+    init_started = time.time()
     trainer = trainer_cls(model=head if head is not None else model, ref_model=None, args=args,
                           train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
     resume = _last_checkpoint(work / f"{tag}-trainer")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {"train_seconds": round(time.time() - started, 1), "resumed_from": resume,
+    metrics = {"setup_seconds": round(started - init_started, 1),  # tokenizing + reference log-probs
+               "train_seconds": round(time.time() - started, 1), "train_steps": trainer.state.global_step,
+               "resumed_from": resume,
                "trainable_parameters": trainable, **{k: v for k, v in result.metrics.items()}}
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})

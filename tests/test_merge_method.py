@@ -72,9 +72,14 @@ def test_multi_vector_and_card(tiny_dirs, vectors, tmp_path):
     run_mergekit(recipe, tmp_path / "out", tmp_path)
     assert_merged(tmp_path / "out", expected(tiny_dirs["base"], [(0.6, vectors["a"]), (-1.0, vectors["b"])]))
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| " + str(vectors["a"]) + " | 0.6 |" in card
-    assert "| " + str(vectors["b"]) + " | -1.0 |" in card
+    from meav_merge.checkpoint import fingerprint
+
+    fp = fingerprint(tiny_dirs["base"])
+    for vec, lam in ((vectors["a"], "0.6"), (vectors["b"], "-1.0")):
+        row = next(line for line in card.splitlines() if line.startswith(f"| {vec} |"))
+        assert f"| {lam} |" in row and "alignment_vector" in row and fp in row
     assert "undo safety alignment" in card
+    assert card.startswith("---\n") and "meav" in card.split("---")[1]  # HF front matter with tags
 
 
 def test_transfer_from_full_checkpoint_onto_other_target(tiny_dirs, tmp_path):

@@ -1,0 +1,82 @@
+"""Seconds per λ point: `meav sweep` (in-memory re-weighting) vs merge-to-disk + reload +
+lm-eval for the same point, on the embedded model and the same queries.
+
+Usage: .venv/bin/python bench/sweep.py [--vector runs/medical/vector] [--queries 8] [--points 3]
+(without --vector a stand-in vector from a perturbed copy of the model is used).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ROOT, ensure_model, perturbed_copy  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vector")
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--points", type=int, default=3)
+    args = ap.parse_args()
+    model = ensure_model()
+    work = Path(tempfile.mkdtemp(prefix="meav-bench-sweep-"))
+    if args.vector:
+        vector = Path(args.vector)
+    else:
+        from meav_merge.vectors import extract_vector
+
+        vector = work / "vector"
+        extract_vector(perturbed_copy(model, work / "aligned"), model, vector)
+    from meav_merge.data import load_records, write_jsonl
+
+    data = work / "medical.jsonl"
+    write_jsonl(load_records(ROOT / "data", "medical", "test")[: args.queries], data)
+    lambdas = [round(-1.0 + i * 0.5, 2) for i in range(args.points)]
+
+    from meav_merge.sweep import ReweightableModel, sweep
+    from meav_merge.vectors import AlignmentVector
+
+    t = time.perf_counter()
+    rm = ReweightableModel(model, [AlignmentVector.load(vector)])
+    load_s = time.perf_counter() - t
+    recs = load_records(data, "medical", None)
+    t = time.perf_counter()
+    points = sweep(rm, recs, lambdas)
+    mem_s = (time.perf_counter() - t) / len(lambdas)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    disk = []
+    for lam in lambdas:
+        t = time.perf_counter()
+        recipe = work / f"r{lam}.yaml"
+        out = work / f"m{lam}"
+        recipe.write_text(yaml.safe_dump({"merge_method": "meav", "base_model": str(model),
+                                          "models": [{"model": str(vector), "parameters": {"lambda": lam}}]}))
+        subprocess.run([str(Path(sys.executable).with_name("mergekit-yaml")), str(recipe), str(out)], check=True,
+                       env=env, capture_output=True)
+        res = work / f"res{lam}"
+        subprocess.run([str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
+                        f"pretrained={out},dtype=float32", "--tasks", "meav_pref_medical", "--device", "cpu",
+                        "--batch_size", "4", "--metadata", json.dumps({"data_file": str(data), "split": "all"}),
+                        "--output_path", str(res)], check=True, env=env, capture_output=True)
+        disk.append(time.perf_counter() - t)
+        got = json.loads(sorted(res.rglob("results_*.json"))[-1].read_text())["results"]["meav_pref_medical"]
+        want = points[lambdas.index(lam)].fractions
+        assert abs(got["pref_acc_exp,none"] - want["expert"]) < 1e-9, (got, want)
+    disk_s = sum(disk) / len(disk)
+    print(f"{len(recs)} queries, λ ∈ {lambdas}")
+    print(f"meav sweep (in memory): {mem_s:7.1f} s per λ point (+ {load_s:.1f} s once to load)")
+    print(f"merge + reload + lm-eval: {disk_s:7.1f} s per λ point")
+    print(f"ratio: in-memory sweep is {disk_s / mem_s:.1f}x faster per point (same fractions, checked)")
+
+
+if __name__ == "__main__":
+    main()
