@@ -42,7 +42,7 @@ def ood(cfg, vector: Path, report: Path) -> dict:
 
 
 def table1(cfg, vector: Path, medical_sweep: dict, report: Path) -> dict:
-    from meav_merge.judge import default_classifier
+    from meav_merge.level_classifier import default_classifier
 
     rm = ReweightableModel(cfg.model_dir, [AlignmentVector.load(vector)])
     recs = load_records(cfg.data, "medical", "test")[: cfg.queries]
@@ -52,7 +52,7 @@ def table1(cfg, vector: Path, medical_sweep: dict, report: Path) -> dict:
                        judged_limit=cfg.judged_answers)
     write_rows_csv(rows, report / "table1_medical.csv")
     print("\nTable 1 (medical)\n" + format_wide_table(rows, first="technique"), flush=True)
-    return {"rows": rows, "judge_heldout_accuracy": judge.heldout_accuracy_summary()}
+    return {"rows": rows, "judge_heldout_accuracy": judge.heldout}
 
 
 def _md_table(rows, first: str) -> str:

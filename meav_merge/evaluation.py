@@ -139,7 +139,7 @@ def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
 
 
 def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[str, float],
-           judge=None, max_new_tokens: int = 96) -> List[dict]:
+           judge=None, max_new_tokens: int = 96, judged_limit: Optional[int] = None) -> List[dict]:
     """Default, prompting ×3 and MEAV ×3 on one domain, with preference accuracy and,
     when a judge is given, judged generation accuracy (paper Table 1)."""
     levels = list(records[0].levels)
@@ -153,9 +153,11 @@ def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[
         if judge is not None:
             from meav_merge.judge import generate_answers, judged_accuracy
 
-            answers = generate_answers(rm.model, rm.tokenizer, records, max_new_tokens=max_new_tokens, system=system)
+            answers = generate_answers(rm.model, rm.tokenizer, records[: judged_limit or None],
+                                       max_new_tokens=max_new_tokens, system=system)
             judged = judged_accuracy(answers, judge)
             row.update({f"judged:{lv}": judged.get(lv, 0.0) for lv in levels})
+            row["judge_confidence"] = judged["judge"].get("answer_confidence", float("nan"))
         rows.append(row)
     return rows
 
@@ -179,9 +181,10 @@ def _cmd_table1(args) -> None:
     lams = dict(zip(("expert", "generic", "avoidance"), (float(x) for x in args.meav_lambdas.split(","))))
     judge = None
     if args.judged:
-        from meav_merge.judge import LevelClassifier
+        from meav_merge.level_classifier import default_classifier
 
-        judge = LevelClassifier.default(args.data)
+        judge = default_classifier(args.data)
+        print(f"judge: offline level classifier, held-out accuracy {judge.heldout['overall']:.2f}")
     rows = table1(rm, records, lams, judge=judge, max_new_tokens=args.max_new_tokens)
     with atomic_output_dir(args.out, force=args.force) as tmp:
         write_rows_csv(rows, tmp / "table1.csv")

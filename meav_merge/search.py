@@ -163,11 +163,18 @@ class Surrogate:
 @dataclass
 class SearchConfig:
     low: float = -2.0
-    high: float = 1.5
-    probe_points: Tuple[float, ...] = (-2.0, -1.2, -0.6, 0.5, 1.2)
+    high: float = 4.0
+    probe_points: Tuple[float, ...] = (-2.0, -1.0, -0.4, 1.0, 2.5, 4.0)
     grid_step: float = 0.1
     budget: int = 100
     corrections_per_target: int = 2
+
+    @classmethod
+    def spanning(cls, low: float, high: float, budget: int = 100) -> "SearchConfig":
+        """Probes spread over [low, high]: three on each side of 0, denser near it."""
+        neg = [round(low * f, 2) for f in (1.0, 0.5, 0.2)] if low < 0 else []
+        pos = [round(high * f, 2) for f in (0.25, 0.6, 1.0)] if high > 0 else []
+        return cls(low=low, high=high, probe_points=tuple(neg + pos), budget=budget)
 
 
 def all_targets(domains: Sequence[str]) -> List[Target]:
@@ -315,12 +322,13 @@ def _cmd_search(args) -> None:
                 raise ValueError(f"--target {d}={lv}: level must be one of {', '.join(PROFICIENCY_LEVELS)}")
         targets = [{d: t[d] for d in domains}]
     started = time.time()
-    cfg = SearchConfig(budget=args.budget)
-    results = (grid_search(evaluator, targets, step=args.grid_step, low=cfg.low, high=cfg.high) if args.grid
+    cfg = SearchConfig.spanning(args.low, args.high, budget=args.budget)
+    results = (grid_search(evaluator, targets, step=args.grid_step, low=args.low, high=args.high) if args.grid
                else search(evaluator, targets, cfg))
     report = {"mode": "grid" if args.grid else "surrogate", "split": args.split, "model": args.model,
               "vectors": vectors, "exact_evaluations": evaluator.count, "wall_seconds": round(time.time() - started, 1),
-              "grid_points_equivalent": len(np.arange(cfg.low, cfg.high + 1e-9, args.grid_step if args.grid else 0.1)) ** len(domains),
+              "paper_grid_evaluations": 21 ** len(domains),  # 21 values per domain, as in the paper
+              "range": [cfg.low, cfg.high], "grid_step": args.grid_step if args.grid else None,
               "reached": sum(r.reached for r in results), "targets": len(results),
               "results": [{"target": r.target, "lambda": dict(zip(domains, r.coefficients)), "fractions": r.fractions,
                            "worst_margin": r.margin, "reached": r.reached, "evaluations_when_settled": r.evaluations}
@@ -347,6 +355,8 @@ def add_cli(sub) -> None:
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, help="queries per domain")
     p.add_argument("--budget", type=int, default=100, help="most exact evaluations to spend")
+    p.add_argument("--low", type=float, default=-2.0, help="smallest λ considered (default: %(default)s)")
+    p.add_argument("--high", type=float, default=4.0, help="largest λ considered (default: %(default)s)")
     p.add_argument("--grid", action="store_true", help="exhaustive grid instead (the paper's method)")
     p.add_argument("--grid-step", type=float, default=0.5)
     p.add_argument("--out", required=True)
