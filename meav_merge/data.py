@@ -126,24 +126,39 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def read_jsonl(path: str | os.PathLike) -> List[Record]:
-    """Parse one file strictly; the first problem raises DataError naming file:line."""
+def iter_jsonl(path: str | os.PathLike, error: type = None, strict: bool = True):
+    """Yield (line number, object, error message) for each non-blank line of a JSONL file.
+
+    With ``strict`` the first unreadable file or invalid line raises ``error`` (a
+    ValueError subclass) naming file:line; otherwise invalid lines come back with the
+    message and object None, so a validator can report them all.
+    """
+    error = error or DataError
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise DataError(f"{path}: {e.strerror}") from None
+        raise error(f"{path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
-    records, ids = [], {}
+        raise error(f"{path}: not UTF-8 ({e.reason})") from None
     for ln, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        src = f"{path}:{ln}"
         try:
-            obj = json.loads(line)
+            yield ln, json.loads(line), None
         except json.JSONDecodeError as e:
-            raise DataError(f"{src}: invalid JSON ({e.msg} at column {e.colno})") from None
+            msg = f"{path}:{ln}: invalid JSON ({e.msg} at column {e.colno})"
+            if strict:
+                raise error(msg) from None
+            yield ln, None, msg
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Record]:
+    """Parse one file strictly; the first problem raises DataError naming file:line."""
+    path = Path(path)
+    records, ids = [], {}
+    for ln, obj, _ in iter_jsonl(path):
+        src = f"{path}:{ln}"
         rec = parse_record(obj, src)
         if rec.id in ids:
             raise DataError(f"{src}: duplicate id '{rec.id}' (first at line {ids[rec.id]})")
@@ -274,21 +289,19 @@ def validate_file(path: str | os.PathLike) -> FileReport:
     """Collect every problem in one file (not only the first), each as file:line."""
     path = Path(path)
     rep = FileReport(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        rep.errors.append(f"{path}: cannot read ({e})")
-        return rep
     first_line: Dict[str, int] = {}
-    for ln, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    try:
+        lines = list(iter_jsonl(path, strict=False))
+    except DataError as e:
+        rep.errors.append(str(e))
+        return rep
+    for ln, obj, bad_json in lines:
         src = f"{path}:{ln}"
-        try:
-            rec = parse_record(json.loads(line), src)
-        except json.JSONDecodeError as e:
-            rep.errors.append(f"{src}: invalid JSON ({e.msg} at column {e.colno})")
+        if bad_json:
+            rep.errors.append(bad_json)
             continue
+        try:
+            rec = parse_record(obj, src)
         except DataError as e:
             rep.errors.append(str(e))
             continue

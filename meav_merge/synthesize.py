@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from meav_merge import synthesis_prompts as prompts
 from meav_merge.appendlog import AppendOnlyJsonl
-from meav_merge.data import PROFICIENCY_LEVELS, DataError, levels_for, parse_record, words
+from meav_merge.data import PROFICIENCY_LEVELS, DataError, iter_jsonl, levels_for, parse_record, words
 from meav_merge.llm_client import ChatResult, LLMError
 from meav_merge.synthesis_filters import clean_reply, drop_reason
 
@@ -131,20 +131,8 @@ class Persona:
 def read_personas(path: str | os.PathLike) -> List[Persona]:
     """PersonaHub-style JSONL: {"persona": ...} (or {"input persona": ...}) per line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise SynthesisError(f"{path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SynthesisError(f"{path}: not UTF-8 ({e.reason})") from None
     out = []
-    for ln, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SynthesisError(f"{path}:{ln}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for ln, obj, _ in iter_jsonl(path, SynthesisError):
         text = obj.get("persona", obj.get("input persona")) if isinstance(obj, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise SynthesisError(f"{path}:{ln}: needs a non-empty string field 'persona' (or 'input persona')")

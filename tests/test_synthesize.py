@@ -211,7 +211,7 @@ def test_bad_outputs_are_dropped_and_counted(tmp_path):
 def test_concurrency_is_bounded_and_submission_lazy(tmp_path):
     cfg = SynthesisConfig(n_personas=6, concurrency=3,
                           personas_file=str(write_personas(tmp_path / "p.jsonl", normal_personas(10))))
-    with OpenAIStub(canned_answer, delay=0.1) as stub:
+    with OpenAIStub(canned_answer, delay=0.3) as stub:
         summary = synthesize(backend(stub), cfg, tmp_path / "out.jsonl", progress=False)
     assert summary.written == 6
     assert stub.max_in_flight == 3  # used in parallel, never beyond the bound
