@@ -132,15 +132,19 @@ def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[L
 
 
 def mean_logprobs(model, tokenizer, prepared: Sequence[PreparedQuery], progress: bool = True,
-                  desc: str = "score", batch_size: int = 4) -> List[List[float]]:
-    """Token-mean log-probability of each response, per query (levels in record order)."""
+                  desc: str = "score", batch_size: int = 4, scorer=None) -> List[List[float]]:
+    """Token-mean log-probability of each response, per query (levels in record order).
+
+    ``scorer`` (a ``trunk.TopLayerScorer``) reuses the frozen bottom layers' states
+    between calls; without it every call runs the full model."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
+    score_batch = scorer.score if scorer is not None else (lambda chunk, pad_id: _score_batch(model, chunk, pad_id))
     out: List[List[float]] = []
     with tqdm(total=len(prepared), desc=desc, disable=not progress, leave=False) as bar:
         for start in range(0, len(prepared), batch_size):
             chunk = prepared[start:start + batch_size]
-            out.extend(_score_batch(model, chunk, pad))
+            out.extend(score_batch(chunk, pad))
             bar.update(len(chunk))
     return out
 

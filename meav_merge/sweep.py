@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from meav_merge.data import Record
 from meav_merge.scoring import PreparedQuery, dominant, mean_logprobs, preference_accuracy, prepare
-from meav_merge.vectors import AlignmentVector, apply_vectors, check_vector_against
+from meav_merge.trunk import top_layer_scorer
+from meav_merge.vectors import AlignmentVector, VectorError, apply_vectors, check_vector_against
 
 
 def parse_lambdas(spec: str) -> List[float]:
@@ -42,7 +43,7 @@ class ReweightableModel:
     """A loaded target model plus vectors, re-weightable in place."""
 
     def __init__(self, model_dir: str | os.PathLike, vectors: Sequence[AlignmentVector] = (),
-                 transfer: bool = False, dtype: torch.dtype = torch.float32):
+                 transfer: bool = False, dtype: torch.dtype = torch.float32, reuse_frozen_layers: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -51,9 +52,16 @@ class ReweightableModel:
         self.vectors = list(vectors)
         for i, v in enumerate(self.vectors):
             check_vector_against(v, model_dir, transfer=transfer, label=f"vector {v.path or i}")
-        touched = sorted({n for v in self.vectors for n in v.keys()})
+        # Vectors store every tensor, but the CPU preset trains only the top layers: keep
+        # (and re-weight) just the tensors some vector changes, and reuse the rest's work.
+        self.changing = sorted({n for v in self.vectors for n in v.keys() if bool(v[n].any())})
         state = dict(self.model.named_parameters())
-        self._base = {n: state[n].detach().clone() for n in touched}
+        state.update({n: b for n, b in self.model.named_buffers() if n not in state})
+        missing = [n for v in self.vectors for n in v.keys() if n not in state]
+        if missing:
+            raise VectorError(f"model has no tensor named {missing[0]} (vector/model architecture mismatch)")
+        self._base = {n: state[n].detach().clone() for n in self.changing}
+        self.scorer = top_layer_scorer(self.model, self.changing) if reuse_frozen_layers else None
         self.coefficients: Tuple[float, ...] = tuple(0.0 for _ in self.vectors)
 
     def set(self, coefficients: Sequence[float]) -> None:
@@ -61,11 +69,12 @@ class ReweightableModel:
         if len(coefficients) != len(self.vectors):
             raise ValueError(f"expected {len(self.vectors)} coefficients, got {len(coefficients)}")
         if coefficients != self.coefficients:
-            apply_vectors(self.model, list(zip(self.vectors, coefficients)), base_state=self._base)
+            apply_vectors(self.model, list(zip(self.vectors, coefficients)), base_state=self._base,
+                          names=self.changing)
             self.coefficients = coefficients
 
     def score(self, prepared: Sequence[PreparedQuery], progress: bool = False, desc: str = "score"):
-        return mean_logprobs(self.model, self.tokenizer, prepared, progress=progress, desc=desc)
+        return mean_logprobs(self.model, self.tokenizer, prepared, progress=progress, desc=desc, scorer=self.scorer)
 
 
 @dataclass

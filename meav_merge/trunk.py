@@ -17,7 +17,8 @@ scaling (Llama, Mistral, Qwen2/3 layouts); other models train through plain trl.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -233,3 +234,92 @@ def use_dense_log_prob_head(head) -> None:
                                    mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
 
     head.forward = types.MethodType(forward, head)
+
+
+def _sub_model(model, start: int, count: int, norm: nn.Module):
+    """A decoder stack made of ``count`` of ``model``'s own layers (shared, not copied)."""
+    from transformers import AutoModel
+
+    base = model.model
+    sub = AutoModel.from_config(_config_with_layers(model.config, count, start))
+    sub.embed_tokens = base.embed_tokens
+    sub.layers = nn.ModuleList(base.layers[start:start + count])
+    sub.rotary_emb = base.rotary_emb
+    sub.norm = norm
+    return sub.eval().to(base.embed_tokens.weight.dtype)
+
+
+def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer"]:
+    """A ``TopLayerScorer`` when every changing tensor is in the top layers or the final norm, else None."""
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES or not changing:
+        return None
+    n = model.config.num_hidden_layers
+    lowest = n
+    for name in changing:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            lowest = min(lowest, int(m.group(1)))
+        elif not name.startswith("model.norm."):
+            return None  # embeddings / LM head change: every layer's input changes
+    k = n - lowest
+    return TopLayerScorer(model, k) if 0 < k < n else None
+
+
+class TopLayerScorer:
+    """Token-mean response log-probs when only the top ``k`` layers and the final norm change.
+
+    Vectors trained with the CPU preset leave the bottom layers untouched, so the input
+    of layer L−k for each (context + response) row is the same at every λ: it is computed
+    once per row and kept, and each call runs only the top k layers and the LM head
+    (about a third of the full model's work for SmolLM2 with k = 4). Exact, not an
+    approximation: the same function as the full forward pass, on the model's own
+    (shared) modules, so re-weighting the model in place is seen here.
+    """
+
+    def __init__(self, model, k: int):
+        n = model.config.num_hidden_layers
+        self.model, self.k = model, k
+        self.trunk = _sub_model(model, 0, n - k, nn.Identity())
+        self.top = _sub_model(model, n - k, k, model.model.norm)
+        self.states: Dict[tuple, torch.Tensor] = {}  # (context, continuations) -> padded trunk output
+
+    @staticmethod
+    def _rows(q) -> List[List[int]]:
+        return [list(q.context_ids) + list(c[:-1]) for c in q.continuations]
+
+    @torch.no_grad()
+    def _trunk_states(self, q, pad_id: int) -> torch.Tensor:
+        key = (tuple(q.context_ids), tuple(tuple(c) for c in q.continuations))
+        if key not in self.states:
+            rows = self._rows(q)
+            ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            self.states[key] = self.trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return self.states[key]
+
+    @torch.no_grad()
+    def score(self, queries, pad_id: int) -> List[List[float]]:
+        states = [self._trunk_states(q, pad_id) for q in queries]
+        lengths = [len(r) for q in queries for r in self._rows(q)]
+        width = max(lengths)
+        h = torch.zeros(len(lengths), width, states[0].shape[-1], dtype=states[0].dtype)
+        mask = torch.zeros(len(lengths), width, dtype=torch.long)
+        i = 0
+        for s in states:
+            for row in s:
+                h[i, : lengths[i]], mask[i, : lengths[i]] = row[: lengths[i]], 1
+                i += 1
+        hidden = self.top(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
+        scores, i = [], 0
+        for q in queries:
+            scores.append([])
+            lc = len(q.context_ids)
+            for c in q.continuations:
+                # positions lc-1 .. lc+len(c)-2 predict the continuation tokens c
+                logp = torch.log_softmax(self.model.lm_head(hidden[i, lc - 1: lc - 1 + len(c)]).float(), dim=-1)
+                own = logp.gather(1, torch.tensor(c)[:, None])[:, 0][q.n_whitespace:]
+                scores[-1].append(float(own.double().mean()))
+                i += 1
+        return scores

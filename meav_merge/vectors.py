@@ -157,16 +157,18 @@ def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
 
 
 def apply_vectors(model: torch.nn.Module, vectors: Sequence[Tuple[AlignmentVector, float]],
-                  base_state: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
+                  base_state: Optional[Dict[str, torch.Tensor]] = None,
+                  names: Optional[Sequence[str]] = None) -> torch.nn.Module:
     """θ = θ_target + Σ λ·v, in place on ``model``'s parameters (float32 math).
 
     With ``base_state`` (θ_target of the touched tensors), the model is re-weighted
     from it rather than accumulated onto its current weights; ``meav sweep`` uses
-    this to move between λ values without reloading.
+    this to move between λ values without reloading. ``names`` limits the update to
+    those tensors (the ones the vectors actually change).
     """
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n not in params})
-    names = sorted({n for v, _ in vectors for n in v.keys()})
+    names = sorted(names) if names is not None else sorted({n for v, _ in vectors for n in v.keys()})
     with torch.no_grad():
         for name in names:
             if name not in params:

@@ -60,3 +60,46 @@ def test_preference_accuracy_and_dominance():
     assert dominant(fr) == "expert"
     assert dominant({"expert": 0.33, "generic": 0.33, "avoidance": 0.34}) == "avoidance"
     assert dominant({"expert": 0.3, "generic": 0.3, "avoidance": 0.3}) is None
+
+
+def _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, prefixes):
+    """A vector that changes only the tensors whose names start with one of ``prefixes``."""
+    from tiny import build_model, save
+
+    from meav_merge.vectors import extract_vector
+
+    model = build_model(tiny_tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(prefixes):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    aligned = save(model, tiny_tokenizer, tmp_path / "top_aligned")
+    return extract_vector(aligned, tiny_dirs["base"], tmp_path / "top_vector")
+
+
+def test_frozen_layer_reuse_equals_full_scoring(tiny_dirs, tiny_tokenizer, tmp_path):
+    from meav_merge.sweep import ReweightableModel
+
+    v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.layers.1.", "model.norm."))
+    fast = ReweightableModel(tiny_dirs["base"], [v])
+    plain = ReweightableModel(tiny_dirs["base"], [v], reuse_frozen_layers=False)
+    assert fast.scorer is not None and fast.scorer.k == 1 and plain.scorer is None
+    assert all(n.startswith(("model.layers.1.", "model.norm.")) for n in fast.changing)
+    prepared = prepare(fast.tokenizer, _recs())
+    moved = []
+    for lam in (0.0, 2.0, -3.0, 2.0):  # back and forth: cached trunk states must stay valid
+        fast.set([lam])
+        plain.set([lam])
+        got, want = fast.score(prepared), plain.score(prepared)
+        assert sum(got, []) == pytest.approx(sum(want, []), abs=1e-5)
+        moved.append(got[0][0])
+    assert abs(moved[1] - moved[0]) > 1e-3  # the vector really changes the scores
+    assert fast.scorer.states  # and the bottom layer's states were reused, not recomputed
+
+
+def test_frozen_layer_reuse_is_off_when_the_embeddings_change(tiny_dirs, tiny_tokenizer, tmp_path):
+    from meav_merge.sweep import ReweightableModel
+
+    v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.embed_tokens.", "model.layers.1."))
+    assert ReweightableModel(tiny_dirs["base"], [v]).scorer is None
