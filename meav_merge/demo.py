@@ -38,8 +38,9 @@ class DemoConfig:
     data: Path = Path("data")
     recipe: Path = Path("yaml_recipes/insurance.yaml")
     queries: int = 16  # test queries per domain for the sweeps and tables (the split has 32)
-    lambdas: tuple = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)
-    ood_lambdas: tuple = (0.0, 0.5, -1.0, -2.0)
+    # CPU-preset vectors need larger |λ| than the paper's full-model 7B vectors: expert
+    # dominates from about +3, avoidance from about -0.5 (docs/results/).
+    lambdas: tuple = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
     judged_answers: int = 8  # generated answers per Table-1 row (judged generation accuracy)
     max_new_tokens: int = 64
 
@@ -164,8 +165,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     sweeps = pipe.run("sweeps", lambda: demo_report.sweeps(cfg, vectors, report),
                       {"vectors": vec_key, "lambdas": cfg.lambdas, "queries": cfg.queries},
                       [report / f"sweep_{d}.png" for d in DOMAINS], "Try `meav sweep` on the failing domain.")
-    ood = pipe.run("ood_medical", lambda: demo_report.ood(cfg, vectors["medical"], report),
-                   {"vector": vec_key["medical"], "lambdas": cfg.ood_lambdas, "queries": cfg.queries},
+    ood = pipe.run("ood_medical", lambda: demo_report.ood(cfg, vectors["medical"], sweeps["medical"], report),
+                   {"vector": vec_key["medical"], "sweep": sweeps["medical"], "queries": cfg.queries},
                    [report / "ood_medical.csv"], "Try `meav eval ood --vector runs/medical/vector`.")
     t1 = pipe.run("table1_medical", lambda: demo_report.table1(cfg, vectors["medical"], sweeps["medical"], report),
                   {"vector": vec_key["medical"], "sweep": sweeps["medical"], "queries": cfg.queries,

@@ -9,8 +9,13 @@ from typing import Dict
 
 from meav_merge.data import levels_for, load_records
 from meav_merge.evaluation import format_wide_table, ood_table, plot_sweep, table1 as table1_rows, write_rows_csv
+from meav_merge.scoring import dominant
 from meav_merge.sweep import ReweightableModel, dominance_ranges, format_table, sweep, write_sweep
 from meav_merge.vectors import AlignmentVector
+
+
+# What yaml_recipes/insurance.yaml is for (the MEAV paper's motivating example).
+INSURANCE_TARGET = {"legal": "expert", "financial": "generic", "medical": "avoidance"}
 
 
 def sweeps(cfg, vectors: Dict[str, Path], report: Path) -> dict:
@@ -32,9 +37,11 @@ def sweeps(cfg, vectors: Dict[str, Path], report: Path) -> dict:
     return out
 
 
-def ood(cfg, vector: Path, report: Path) -> dict:
+def ood(cfg, vector: Path, medical_sweep: dict, report: Path) -> dict:
+    """The medical vector at λ = 0 and at the λ where each medical level won most (paper Table 2)."""
     rm = ReweightableModel(cfg.model_dir, [AlignmentVector.load(vector)])
-    rows = ood_table(rm, list(cfg.ood_lambdas), str(cfg.data), ["financial", "legal", "safety", "helpfulness"],
+    lambdas = list(dict.fromkeys([0.0, *medical_sweep["best_lambda"].values()]))
+    rows = ood_table(rm, lambdas, str(cfg.data), ["financial", "legal", "safety", "helpfulness"],
                      limit=cfg.queries)
     write_rows_csv(rows, report / "ood_medical.csv")
     print("\nout-of-domain effect of the medical vector\n" + format_wide_table(rows), flush=True)
@@ -77,12 +84,17 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
         f"Recipe `{cfg.recipe}` merged with plain `mergekit-yaml` into `{cfg.out / 'insurance'}` and scored with "
         "plain `lm_eval --tasks meav_pref`:",
         "",
-        "| task | pref_acc_exp | pref_acc_gen | pref_acc_avd |",
-        "|---|---|---|---|",
+        "| task | pref_acc_exp | pref_acc_gen | pref_acc_avd | level | target |",
+        "|---|---|---|---|---|---|",
     ]
     for task, m in sorted(lm["results"].items()):
         if "pref_acc_exp" in m:
-            lines.append(f"| {task} | {m['pref_acc_exp']:.2f} | {m['pref_acc_gen']:.2f} | {m['pref_acc_avd']:.2f} |")
+            fr = {"expert": m["pref_acc_exp"], "generic": m["pref_acc_gen"], "avoidance": m["pref_acc_avd"]}
+            level = dominant(fr) or "none"
+            target = INSURANCE_TARGET.get(task.rsplit("_", 1)[-1], "")
+            mark = (" ✓" if level == target else " ✗") if target else ""
+            lines.append(f"| {task} | {fr['expert']:.2f} | {fr['generic']:.2f} | {fr['avoidance']:.2f} | {level} | "
+                         f"{target}{mark} |")
     lines += ["", "## λ sweeps (paper Figure 2)", ""]
     for domain, s in sweeps_.items():
         ranges = ", ".join(f"{r['level']} for λ ∈ [{r['from']:+.1f}, {r['to']:+.1f}]" for r in s["ranges"]) or "none"
