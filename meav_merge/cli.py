@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from meav_merge.resources import DEFAULT_MODEL_DIR
@@ -110,12 +111,33 @@ def _cmd_train(args) -> None:
     cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
                           per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
                           trainable_layers=layers, seed=args.seed)
-    out = train_vector(args.base, args.data, args.out, domain=args.domain,
-                       joint=_parse_joint(args.joint) if args.joint else None,
-                       preference_vector=args.preference_vector, config=cfg, force=args.force)
-    print(f"aligned model: {out / 'aligned'}\nalignment vector: {out / 'vector'}")
-    if args.preference_vector:
-        print(f"preference vector (θ+ − θ−): {out / 'preference_vector'}")
+    domains = [d.strip() for d in args.domain.split(",") if d.strip()] if args.domain else [None]
+    if args.check and args.joint:
+        raise ValueError("--check applies to --domain runs (a joint model has no single λ axis)")
+    for domain in domains:
+        # several domains: one run directory per domain under --out
+        out_dir = Path(args.out) / domain if len(domains) > 1 else Path(args.out)
+        started = time.time()
+        out = train_vector(args.base, args.data, out_dir, domain=domain,
+                           joint=_parse_joint(args.joint) if args.joint else None,
+                           preference_vector=args.preference_vector, config=cfg, force=args.force)
+        print(f"aligned model: {out / 'aligned'}\nalignment vector: {out / 'vector'}  "
+              f"({time.time() - started:.0f} s)")
+        if args.preference_vector:
+            print(f"preference vector (θ+ − θ−): {out / 'preference_vector'}")
+        if args.check:
+            _check_control(args.base, out, args.data, domain, args.check)
+
+
+def _check_control(base: str, run: Path, data: str, domain: str, lambdas: str) -> None:
+    """Sweep the new vector on the domain's test split and say whether λ controls the level."""
+    from meav_merge.evaluation import run_sweep
+    from meav_merge.sweep import lambda_control
+
+    summary = run_sweep(base, [str(run / "vector")], lambdas, data, run / "control", domain=domain,
+                        split="test", force=True)[domain]
+    verdict = lambda_control(summary)
+    print(f"{domain}: λ-control {'met' if verdict['met'] else 'NOT met'}: " + "; ".join(verdict["lines"]))
 
 
 def _cmd_sweep(args) -> None:
@@ -191,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS",
+                   help="after training, sweep the test split at these λ and check that some λ>0 makes the "
+                        "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "
+                        "(default λ: %(const)s)")
     _add_common_output(p, "run directory")
     p.set_defaults(func=_cmd_train)
 

@@ -110,6 +110,25 @@ def sweep(rm: ReweightableModel, records: Sequence[Record], lambdas: Sequence[fl
     return points
 
 
+# The λ-control criterion of the training issue: the vector can push the model to either end.
+CONTROL_POSITIVE, CONTROL_NEGATIVE = 0.8, 0.7
+
+
+def lambda_control(summary: dict) -> dict:
+    """Does some λ>0 make the most-preferred level win on ≥80% of queries and some λ<0
+    the least-preferred one on ≥70%? ``summary`` is what ``write_sweep`` returns."""
+    top, bottom = summary["levels"][0], summary["levels"][-1]
+    lines, met = [], True
+    for level, sign, need in ((top, 1, CONTROL_POSITIVE), (bottom, -1, CONTROL_NEGATIVE)):
+        side = [p for p in summary["points"] if p["lambda"] * sign > 0]
+        best = max(side, key=lambda p: p[f"pref_acc_{level}"], default=None)
+        share = best[f"pref_acc_{level}"] if best else 0.0
+        met &= share >= need
+        lines.append(f"{level} {share:.2f} at λ={best['lambda']:+g} (need ≥{need:.2f})" if best
+                     else f"no λ {'>' if sign > 0 else '<'} 0 swept")
+    return {"met": met, "lines": lines}
+
+
 def dominance_ranges(lambdas: Sequence[float], points: Sequence[SweepPoint]) -> List[Tuple[str, float, float]]:
     """Maximal runs of consecutive λ where one level is dominant: (level, λ_from, λ_to)."""
     runs: List[Tuple[str, float, float]] = []

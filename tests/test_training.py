@@ -131,3 +131,31 @@ def test_resume_after_interruption(tiny_dirs, data_dir, tmp_path, monkeypatch):
     out = train_vector(tiny_dirs["base"], data_dir, tmp_path / "run", domain="medical", config=MeavTrainConfig(**TINY))
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["plus"]["resumed_from"].endswith("checkpoint-2")
+
+
+def test_one_command_trains_several_domains_and_checks_control(tiny_dirs, data_dir, tmp_path, capsys):
+    from meav_merge.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["train", "--domain", "medical,legal", "--base", str(tiny_dirs["base"]), "--data", str(data_dir),
+                 "--out", str(runs), "--trainable-layers", "1", "--max-length", "96", "--lr", "1e-3",
+                 "--batch-size", "2", "--check=-1,1"]) == 0
+    out = capsys.readouterr().out
+    for d in ("medical", "legal"):
+        assert json.loads((runs / d / "vector" / "meav_vector.json").read_text())["domain"] == d
+        assert (runs / d / "control" / f"sweep_{d}.csv").read_text().count("\n") == 3  # header + 2 λ
+        assert f"{d}: λ-control " in out
+
+
+def test_lambda_control_criterion():
+    from meav_merge.sweep import lambda_control
+
+    def summary(exp_at_pos, avd_at_neg):
+        pts = [{"lambda": -1.0, "pref_acc_expert": 0.0, "pref_acc_generic": 1 - avd_at_neg, "pref_acc_avoidance": avd_at_neg},
+               {"lambda": 0.0, "pref_acc_expert": 0.9, "pref_acc_generic": 0.0, "pref_acc_avoidance": 0.9},
+               {"lambda": 2.0, "pref_acc_expert": exp_at_pos, "pref_acc_generic": 1 - exp_at_pos, "pref_acc_avoidance": 0.0}]
+        return {"levels": ["expert", "generic", "avoidance"], "points": pts}
+
+    assert lambda_control(summary(0.8, 0.7))["met"]
+    assert not lambda_control(summary(0.78, 0.9))["met"]
+    assert not lambda_control(summary(0.9, 0.69))["met"]  # λ = 0 points count for neither side
