@@ -170,11 +170,15 @@ def test_closed_form_equals_iterative_on_logits(tiny, anchors, penalty):
     assert torch.allclose(closed - plain, step_coefficient(2.0, 60, penalty) * wd.expand_as(plain), atol=1e-4)
 
 
+def _greedy(tok, n):
+    return dict(max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                pad_token_id=tok.pad_token_id)
+
+
 def test_generation_moves_the_anchor_gap_by_the_predicted_amount(tiny, anchors):
     model, tok = tiny
     ids = _ids(tok)
-    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-              pad_token_id=tok.pad_token_id)
+    kw = _greedy(tok, 6)
     with torch.no_grad():
         plain = model.generate(ids, **kw)
         gaps = {}
@@ -199,8 +203,7 @@ def test_generation_moves_the_anchor_gap_by_the_predicted_amount(tiny, anchors):
 def test_zero_step_leaves_the_model_bit_identical(tiny, anchors, cfg):
     model, tok = tiny
     ids = _ids(tok)
-    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
-              pad_token_id=tok.pad_token_id)
+    kw = _greedy(tok, 5)
     with torch.no_grad():
         plain = model.generate(ids, **kw)
         with awot_steering(model, anchors, cfg):
