@@ -39,8 +39,8 @@ class DemoConfig:
     recipe: Path = Path("yaml_recipes/insurance.yaml")
     queries: int = 16  # test queries per domain for the sweeps and tables (the split has 32)
     # CPU-preset vectors need larger |λ| than the paper's full-model 7B vectors: expert
-    # dominates from about +3, avoidance from about -0.5 (docs/results/).
-    lambdas: tuple = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
+    # dominates from about +1..+2, avoidance below 0 (medical needs about -4; docs/results/).
+    lambdas: tuple = (-4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
     judged_answers: int = 8  # generated answers per Table-1 row (judged generation accuracy)
     max_new_tokens: int = 64
 
