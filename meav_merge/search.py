@@ -162,9 +162,10 @@ class Surrogate:
 
 @dataclass
 class SearchConfig:
-    low: float = -2.0
+    # CPU-preset vectors (top 4 layers) need |λ| up to about 4 (docs/results/)
+    low: float = -4.0
     high: float = 4.0
-    probe_points: Tuple[float, ...] = (-2.0, -1.0, -0.4, 1.0, 2.5, 4.0)
+    probe_points: Tuple[float, ...] = (-4.0, -2.0, -0.8, 1.0, 2.4, 4.0)
     grid_step: float = 0.1
     budget: int = 100
     corrections_per_target: int = 2
@@ -239,7 +240,7 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
                          best[k][2]) for k, t in enumerate(targets)]
 
 
-def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: float = 0.5, low: float = -2.0,
+def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: float = 0.5, low: float = -4.0,
                 high: float = 1.5, progress: bool = True) -> List[SearchResult]:
     """The paper's exhaustive search (coarser step for CPU): every grid point exactly."""
     from tqdm.auto import tqdm
@@ -355,7 +356,7 @@ def add_cli(sub) -> None:
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, help="queries per domain")
     p.add_argument("--budget", type=int, default=100, help="most exact evaluations to spend")
-    p.add_argument("--low", type=float, default=-2.0, help="smallest λ considered (default: %(default)s)")
+    p.add_argument("--low", type=float, default=-4.0, help="smallest λ considered (default: %(default)s)")
     p.add_argument("--high", type=float, default=4.0, help="largest λ considered (default: %(default)s)")
     p.add_argument("--grid", action="store_true", help="exhaustive grid instead (the paper's method)")
     p.add_argument("--grid-step", type=float, default=0.5)
