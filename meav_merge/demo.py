@@ -141,7 +141,9 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
         if res_dir.exists():
             shutil.rmtree(res_dir)
         cmd = [_bin("lm_eval"), "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
-               "--tasks", "meav_pref", "--device", "cpu", "--batch_size", "4", "--output_path", str(res_dir)]
+               "--tasks", "meav_pref", "--device", "cpu", "--batch_size", "4", "--output_path", str(res_dir),
+               # the same first test queries as the sweeps and tables (the whole split: ~5 min more)
+               "--limit", str(cfg.queries)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                                         "HF_DATASETS_OFFLINE": "1"})
         if proc.returncode != 0:
@@ -155,7 +157,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
                 "results": {t: {k.split(",")[0]: v for k, v in m.items() if k.startswith("pref_acc")}
                             for t, m in results["results"].items()}}
 
-    lm = pipe.run("lm_eval_insurance", lm_eval_step, {"merge": pipe.state["merge_insurance"]["key"]},
+    lm = pipe.run("lm_eval_insurance", lm_eval_step, {"merge": pipe.state["merge_insurance"]["key"],
+                                                      "queries": cfg.queries},
                   [cfg.out / "lm_eval"],
                   f"Run `lm_eval --model hf --model_args pretrained={merged} --tasks meav_pref --device cpu` to see "
                   "lm-eval's full output.")

@@ -76,8 +76,8 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `meav demo` on the embedded SmolLM2-135M-Instruct. "
         f"Preference accuracy = share of queries whose highest token-mean log-probability response is at each "
-        f"level (MEAV paper Eq. 4). Sweeps and tables use the first {cfg.queries} test queries per domain; "
-        "the lm-eval numbers use the whole test split.",
+        f"level (MEAV paper Eq. 4). Sweeps, tables and the lm-eval run use the first {cfg.queries} test queries "
+        "per domain (`meav demo --queries 32` for the whole test split).",
         "",
         "## The insurance model (legal expert, financial generic, medical avoidance)",
         "",
