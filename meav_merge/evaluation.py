@@ -146,8 +146,11 @@ def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[
     configs = [("default", None, 0.0)]
     configs += [(f"prompting:{lv}", LEVEL_PROMPTS[lv], 0.0) for lv in levels if lv in LEVEL_PROMPTS]
     configs += [(f"meav:{lv} (λ={lam:+.2f})", None, lam) for lv, lam in meav_lambdas.items()]
-    rows = []
+    rows, done = [], {}
     for name, system, lam in configs:
+        if (system, lam) in done:  # e.g. MEAV's generic level at λ = 0 is the default model
+            rows.append({**done[(system, lam)], "technique": name})
+            continue
         point = evaluate_point(rm, [lam] * len(rm.vectors), prepare(rm.tokenizer, records, system=system), levels)
         row = {"technique": name, **{f"pref:{lv}": point.fractions[lv] for lv in levels}}
         if judge is not None:
@@ -159,6 +162,7 @@ def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[
             row.update({f"judged:{lv}": judged.get(lv, 0.0) for lv in levels})
             row["judge_confidence"] = judged["judge"].get("answer_confidence", float("nan"))
         rows.append(row)
+        done[(system, lam)] = row
     return rows
 
 
