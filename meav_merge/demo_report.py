@@ -29,9 +29,14 @@ def sweeps(cfg, vectors: Dict[str, Path], report: Path) -> dict:
         plot_sweep(list(cfg.lambdas), points, report / f"sweep_{domain}.png",
                    f"{domain}: preference accuracy vs λ ({len(recs)} test queries)")
         print(f"\n{domain}\n{format_table(list(cfg.lambdas), points)}", flush=True)
-        # λ per level for Table 1: the sweep point where that level's share is highest
-        best = {lv: max(zip(cfg.lambdas, points), key=lambda lp: (lp[1].fractions[lv], -abs(lp[0])))[0]
-                for lv in levels_for(domain)}
+        # λ per level for Table 1 and the OOD table: the smallest |λ| at which the level is
+        # dominant (else where its share is highest). Large |λ| wins on preference accuracy
+        # but breaks greedy generation of CPU-preset vectors (|λ| ≥ 2 gives repeated tokens).
+        best = {}
+        for lv in levels_for(domain):
+            won = [lam for lam, p in zip(cfg.lambdas, points) if p.dominant == lv]
+            best[lv] = (min(won, key=abs) if won else
+                        max(zip(cfg.lambdas, points), key=lambda lp: (lp[1].fractions[lv], -abs(lp[0])))[0])
         out[domain] = {"points": summary["points"], "ranges": summary["dominance_ranges"], "best_lambda": best}
         del rm
     return out
