@@ -43,7 +43,7 @@ def sweeps(cfg, vectors: Dict[str, Path], report: Path) -> dict:
 
 
 def ood(cfg, vector: Path, medical_sweep: dict, report: Path) -> dict:
-    """The medical vector at λ = 0 and at the λ where each medical level won most (paper Table 2)."""
+    """The medical vector at λ = 0 and at each medical level's λ from the sweep (paper Table 2)."""
     rm = ReweightableModel(cfg.model_dir, [AlignmentVector.load(vector)])
     lambdas = list(dict.fromkeys([0.0, *medical_sweep["best_lambda"].values()]))
     rows = ood_table(rm, lambdas, str(cfg.data), ["financial", "legal", "safety", "helpfulness"],

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from meav_merge.data import Record
 from meav_merge.scoring import PreparedQuery, dominant, mean_logprobs, preference_accuracy, prepare
 from meav_merge.trunk import top_layer_scorer
-from meav_merge.vectors import AlignmentVector, VectorError, apply_vectors, check_vector_against
+from meav_merge.vectors import AlignmentVector, apply_vectors, check_vector_against, model_tensors
 
 
 def parse_lambdas(spec: str) -> List[float]:
@@ -55,11 +55,7 @@ class ReweightableModel:
         # Vectors store every tensor, but the CPU preset trains only the top layers: keep
         # (and re-weight) just the tensors some vector changes, and reuse the rest's work.
         self.changing = sorted({n for v in self.vectors for n in v.keys() if bool(v[n].any())})
-        state = dict(self.model.named_parameters())
-        state.update({n: b for n, b in self.model.named_buffers() if n not in state})
-        missing = [n for v in self.vectors for n in v.keys() if n not in state]
-        if missing:
-            raise VectorError(f"model has no tensor named {missing[0]} (vector/model architecture mismatch)")
+        state = model_tensors(self.model, [n for v in self.vectors for n in v.keys()])
         self._base = {n: state[n].detach().clone() for n in self.changing}
         self.scorer = top_layer_scorer(self.model, self.changing) if reuse_frozen_layers else None
         self.coefficients: Tuple[float, ...] = tuple(0.0 for _ in self.vectors)

@@ -134,7 +134,7 @@ def split_model(model, k: int) -> Tuple[nn.Module, nn.Module]:
 
     Raises ValueError when the model cannot be split exactly.
     """
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -143,12 +143,8 @@ def split_model(model, k: int) -> Tuple[nn.Module, nn.Module]:
     if not 0 < k < n:
         raise ValueError(f"trainable_layers must be between 1 and {n - 1}")
     base = model.model
-    trunk = AutoModel.from_config(_config_with_layers(config, n - k, 0))
-    trunk.embed_tokens = base.embed_tokens
-    trunk.layers = nn.ModuleList(base.layers[: n - k])
-    trunk.rotary_emb = base.rotary_emb
-    trunk.norm = nn.Identity()  # the trunk's output is the residual stream, not a normed state
-    trunk.eval().requires_grad_(False)
+    # the trunk's output is the residual stream, not a normed state
+    trunk = _sub_model(model, 0, n - k, nn.Identity()).requires_grad_(False)
 
     head = AutoModelForCausalLM.from_config(_config_with_layers(config, k, n - k))
     head.model.layers = nn.ModuleList(copy.deepcopy(base.layers[n - k:]))

@@ -156,6 +156,16 @@ def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
         raise VectorError(f"{where}: tensor {name} contains NaN or Inf")
 
 
+def model_tensors(model: torch.nn.Module, required: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """The model's parameters and buffers by name; VectorError if one of ``required`` is missing."""
+    tensors = dict(model.named_parameters())
+    tensors.update({n: b for n, b in model.named_buffers() if n not in tensors})
+    missing = next((n for n in required if n not in tensors), None)
+    if missing is not None:
+        raise VectorError(f"model has no tensor named {missing} (vector/model architecture mismatch)")
+    return tensors
+
+
 def apply_vectors(model: torch.nn.Module, vectors: Sequence[Tuple[AlignmentVector, float]],
                   base_state: Optional[Dict[str, torch.Tensor]] = None,
                   names: Optional[Sequence[str]] = None) -> torch.nn.Module:
@@ -166,13 +176,10 @@ def apply_vectors(model: torch.nn.Module, vectors: Sequence[Tuple[AlignmentVecto
     this to move between λ values without reloading. ``names`` limits the update to
     those tensors (the ones the vectors actually change).
     """
-    params = dict(model.named_parameters())
-    params.update({n: b for n, b in model.named_buffers() if n not in params})
     names = sorted(names) if names is not None else sorted({n for v, _ in vectors for n in v.keys()})
+    params = model_tensors(model, names)
     with torch.no_grad():
         for name in names:
-            if name not in params:
-                raise VectorError(f"model has no tensor named {name} (vector/model architecture mismatch)")
             p = params[name]
             acc = (base_state[name] if base_state is not None else p.detach()).to(torch.float32).clone()
             for v, lam in vectors:
