@@ -11,10 +11,12 @@ and the search spends them in three phases:
    s(λ) ≈ s(0) + Σ_i f_i(λ_i), with f_i interpolated from the probes, predicts the
    winning level of every query, hence every domain's fractions, at any λ — a fine
    grid costs nothing. Each target's best predicted point (largest worst-domain
-   margin) is then evaluated exactly.
+   margin; among equal margins, the smallest λ, where the separable model errs least) is
+   then evaluated exactly.
 3. **Correct**: where a verified point misses, the observed residual (exact minus
    predicted scores) is added to the surrogate around that point, which accounts
-   for interactions between vectors, and the corrected best point is evaluated.
+   for interactions between vectors, and the corrected best point is evaluated;
+   rounds repeat until every target is met or the budget is spent.
 
 Every exact evaluation is checked against every target, so one point can settle
 several. A target's level is *dominant* (paper §6.2) when its fraction is the
@@ -51,11 +53,36 @@ def worst_margin(result: Dict[str, Dict[str, float]], target: Target) -> float:
     return min(margin(result[d], lv) for d, lv in target.items())
 
 
-def rank_key(result: Dict[str, Dict[str, float]], target: Target) -> Tuple[float, float]:
+def rank_key(result: Dict[str, Dict[str, float]], target: Target,
+             scores: Optional[Dict[str, np.ndarray]] = None) -> Tuple[float, float, float]:
     """Largest worst-domain margin first; among equals, the largest mean margin (so the
-    best point for an unreachable target still meets as many domains as it can)."""
+    best point for an unreachable target still meets as many domains as it can), then
+    the largest score gap (see ``gap_margin``)."""
     ms = [margin(result[d], lv) for d, lv in target.items()]
-    return (min(ms), sum(ms) / len(ms))
+    return (min(ms), sum(ms) / len(ms), gap_margin(scores, target) if scores is not None else 0.0)
+
+
+# Token-mean log-prob gaps between a query's responses are O(0.1-1); the scale only sets
+# where tanh saturates, so one very confident query cannot outweigh the others.
+GAP_SCALE = 0.25
+
+
+def gap_margin(scores: Dict[str, np.ndarray], target: Target) -> np.ndarray:
+    """Continuous tie-break in (-1, 1): in the worst domain, the mean over queries of how far
+    the target response's score clears the best other response (tanh-squashed).
+
+    With few queries per domain the win fractions are coarse and whole regions of λ share
+    one margin; this picks the point deepest inside the region, the one least likely to
+    flip when the prediction is off. ``scores[d]`` is [..., queries, levels].
+    """
+    worst = None
+    for d, lv in target.items():
+        s = np.asarray(scores[d])
+        t = PROFICIENCY_LEVELS.index(lv)
+        gap = s[..., t] - np.delete(s, t, axis=-1).max(axis=-1)
+        g = np.tanh(gap / GAP_SCALE).mean(axis=-1)
+        worst = g if worst is None else np.minimum(worst, g)
+    return worst
 
 
 def fractions_from_scores(scores: np.ndarray, levels: Sequence[str]) -> Dict[str, float]:
@@ -119,6 +146,7 @@ class Surrogate:
                           for e in probes.get(i, [])], key=lambda t: t[0])
             self.curves.append(pts)
         self.corrections: List[Tuple[np.ndarray, Dict[str, np.ndarray]]] = []
+        self._cached: Optional[Tuple[np.ndarray, Dict[str, np.ndarray]]] = None
 
     def _curve(self, i: int, lams: np.ndarray, domain: str) -> np.ndarray:
         xs = np.array([p[0] for p in self.curves[i]])
@@ -134,17 +162,28 @@ class Surrogate:
         self.corrections.append((np.array(exact.coefficients),
                                  {d: exact.scores[d] - pred[d][0] for d in exact.scores}))
 
-    def predict_scores(self, grid: np.ndarray, radius: float = 0.5) -> Dict[str, np.ndarray]:
+    def _separable(self, grid: np.ndarray) -> Dict[str, np.ndarray]:
+        # The search predicts on the same large grid for every target: compute it once.
+        if self._cached is not None and self._cached[0] is grid:
+            return self._cached[1]
         out = {}
         for d, s0 in self.base.scores.items():
             total = np.broadcast_to(s0, (len(grid),) + s0.shape).copy()
             for i in range(self.n):
                 total += self._curve(i, grid[:, i], d)
-            for where, resid in self.corrections:
-                # the residual holds near the point it was observed at, fading out by `radius`
-                w = np.clip(1 - np.abs(grid - where).max(axis=1) / radius, 0, 1)
-                total += w[:, None, None] * resid[d][None]
             out[d] = total
+        if len(grid) > 1:
+            self._cached = (grid, out)
+        return out
+
+    def predict_scores(self, grid: np.ndarray, radius: float = 0.5) -> Dict[str, np.ndarray]:
+        out = {d: s.copy() for d, s in self._separable(grid).items()}
+        for where, resid in self.corrections:
+            # the residual holds near the point it was observed at, fading out by `radius`
+            w = np.clip(1 - np.abs(grid - where).max(axis=1) / radius, 0, 1)
+            near = np.nonzero(w)[0]
+            for d in out:
+                out[d][near] += w[near, None, None] * resid[d][None]
         return out
 
     def predict_margins(self, grid: np.ndarray, target: Target) -> np.ndarray:
@@ -157,7 +196,11 @@ class Surrogate:
             others = np.delete(fr, t, axis=1).max(axis=1)
             margins.append(fr[:, t] - np.maximum(others, 1.0 / len(PROFICIENCY_LEVELS)))
         stacked = np.stack(margins)
-        return stacked.min(axis=0) + 1e-3 * stacked.mean(axis=0)  # tie-break as rank_key does
+        # Ties: the largest mean margin, as rank_key does, then the smallest λ. The separable
+        # model is exact on the axes and its error (the vectors' interaction) grows with |λ|;
+        # small |λ| also keeps generation fluent. Both terms stay far below one fraction step.
+        size = np.abs(grid).max(axis=1) / max(1e-9, float(np.abs(grid).max()))
+        return stacked.min(axis=0) + 1e-3 * stacked.mean(axis=0) - 1e-4 * size
 
 
 @dataclass
@@ -168,7 +211,7 @@ class SearchConfig:
     probe_points: Tuple[float, ...] = (-4.0, -2.0, -0.8, 1.0, 2.4, 4.0)
     grid_step: float = 0.1
     budget: int = 100
-    corrections_per_target: int = 2
+    corrections_per_target: int = 4  # rounds after the first; the budget caps them
 
     @classmethod
     def spanning(cls, low: float, high: float, budget: int = 100) -> "SearchConfig":
@@ -203,7 +246,7 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
 
     def record(e: Evaluation) -> None:
         for k, t in enumerate(targets):
-            m = rank_key(e.fractions, t)
+            m = rank_key(e.fractions, t, e.scores)
             if k not in best or m > best[k][0]:
                 best[k] = (m, e, evaluator.count)
 
@@ -228,6 +271,7 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
             e = evaluator(choice)
             record(e)
             surrogate.add_correction(e)
+            bar.set_postfix(evaluations=evaluator.count, refresh=True)
             if best[k][0][0] > 0:
                 bar.update(1)
             else:
@@ -251,7 +295,7 @@ def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: floa
     for c in tqdm(list(itertools.product(axis, repeat=n)), desc="grid", disable=not progress):
         e = evaluator(c)
         for k, t in enumerate(targets):
-            m = rank_key(e.fractions, t)
+            m = rank_key(e.fractions, t, e.scores)
             if k not in best or m > best[k][0]:
                 best[k] = (m, e)
     return [SearchResult(t, best[k][1].coefficients, best[k][1].fractions, best[k][0][0], best[k][0][0] > 0,
