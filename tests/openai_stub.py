@@ -66,8 +66,17 @@ class OpenAIStub:
             def log_message(self, *args):  # keep pytest output clean
                 pass
 
+            def _release(self) -> None:
+                # A request stops being in flight before its reply is written: once the client
+                # has the reply it may send the next request before this handler finishes.
+                with stub._lock:
+                    if not getattr(self, "_released", False):
+                        self._released = True
+                        stub.in_flight -= 1
+
             def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
                 body = json.dumps(obj).encode()
+                self._release()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -82,6 +91,7 @@ class OpenAIStub:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 with stub._lock:
                     stub.in_flight += 1
+                    self._released = False
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                     failure = stub._failures.popleft() if stub._failures else None
                     stub.auth_headers.append(self.headers.get("Authorization", ""))
@@ -98,8 +108,7 @@ class OpenAIStub:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                     pass
                 finally:
-                    with stub._lock:
-                        stub.in_flight -= 1
+                    self._release()
 
             def _fail(self, failure: str, body: dict) -> None:
                 if failure == "500":
