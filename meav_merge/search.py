@@ -6,9 +6,11 @@ and the search spends them in three phases:
 
 1. **Probe** each vector alone along a few λ values. Every probe scores all domains,
    so it measures both a vector's effect on its own domain and its spill-over onto
-   the others (the paper's Table 2), per query and per response level.
-2. **Predict**: a separable surrogate of every response's token-mean log-probability,
-   s(λ) ≈ s(0) + Σ_i f_i(λ_i), with f_i interpolated from the probes, predicts the
+   the others (the paper's Table 2), per query and per response level. Then probe
+   each pair of vectors at the four corners (±a, ±a) to measure how they interact.
+2. **Predict**: a surrogate of every response's token-mean log-probability,
+   s(λ) ≈ s(0) + Σ_i f_i(λ_i) + Σ_ij g_ij(λ_i, λ_j), with f_i interpolated from the
+   probes and g_ij bilinear per quadrant from the pair corners, predicts the
    winning level of every query, hence every domain's fractions, at any λ — a fine
    grid costs nothing. Each target's best predicted point (largest worst-domain
    margin; among equal margins, the smallest λ, where the separable model errs least) is
@@ -133,9 +135,17 @@ class ExactEvaluator:
 
 
 class Surrogate:
-    """Separable model of every response's score, corrected by observed residuals."""
+    """Separable model of every response's score plus pairwise interactions, corrected by
+    observed residuals.
 
-    def __init__(self, base: Evaluation, probes: Dict[int, List[Evaluation]], n_vectors: int):
+    ``pairs`` are exact evaluations with exactly two non-zero coefficients ±a (one per
+    quadrant of each pair of vectors). What the separable part misses there is the
+    pair's interaction; it is spread bilinearly over that quadrant (zero on the axes,
+    where the separable part is exact) and held flat beyond ±a.
+    """
+
+    def __init__(self, base: Evaluation, probes: Dict[int, List[Evaluation]], n_vectors: int,
+                 pairs: Sequence[Evaluation] = ()):
         self.base = base
         self.n = n_vectors
         # per vector: sorted probe λ values and the score change they caused
@@ -147,6 +157,15 @@ class Surrogate:
             self.curves.append(pts)
         self.corrections: List[Tuple[np.ndarray, Dict[str, np.ndarray]]] = []
         self._cached: Optional[Tuple[np.ndarray, Dict[str, np.ndarray]]] = None
+        # (i, j, corner λ_i, corner λ_j, residual per domain); a pair's weight is zero at
+        # every other pair's corner, so the order of fitting does not matter
+        self.interactions: List[tuple] = []
+        for e in pairs:
+            i, j = [k for k, c in enumerate(e.coefficients) if c != 0]
+            sep = self._separable(np.array([e.coefficients]))
+            self.interactions.append((i, j, e.coefficients[i], e.coefficients[j],
+                                      {d: e.scores[d] - sep[d][0] for d in e.scores}))
+        self._cached = None
 
     def _curve(self, i: int, lams: np.ndarray, domain: str) -> np.ndarray:
         xs = np.array([p[0] for p in self.curves[i]])
@@ -171,6 +190,10 @@ class Surrogate:
             total = np.broadcast_to(s0, (len(grid),) + s0.shape).copy()
             for i in range(self.n):
                 total += self._curve(i, grid[:, i], d)
+            for i, j, ci, cj, resid in self.interactions:
+                w = np.clip(grid[:, i] / ci, 0, 1) * np.clip(grid[:, j] / cj, 0, 1)
+                near = np.nonzero(w)[0]
+                total[near] += w[near, None, None] * resid[d][None]
             out[d] = total
         if len(grid) > 1:
             self._cached = (grid, out)
@@ -212,13 +235,16 @@ class SearchConfig:
     grid_step: float = 0.1
     budget: int = 100
     corrections_per_target: int = 4  # rounds after the first; the budget caps them
+    # |λ| of the pairwise probes (4 per pair of vectors); 0 = separable surrogate only
+    pair_probe: float = 2.0
 
     @classmethod
     def spanning(cls, low: float, high: float, budget: int = 100) -> "SearchConfig":
         """Probes spread over [low, high]: three on each side of 0, denser near it."""
         neg = [round(low * f, 2) for f in (1.0, 0.5, 0.2)] if low < 0 else []
         pos = [round(high * f, 2) for f in (0.25, 0.6, 1.0)] if high > 0 else []
-        return cls(low=low, high=high, probe_points=tuple(neg + pos), budget=budget)
+        return cls(low=low, high=high, probe_points=tuple(neg + pos), budget=budget,
+                   pair_probe=round(0.5 * min(abs(low), abs(high)), 2) if low < 0 < high else 0.0)
 
 
 def all_targets(domains: Sequence[str]) -> List[Target]:
@@ -238,7 +264,14 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
             c = [0.0] * n
             c[i] = lam
             probes.setdefault(i, []).append(evaluator(c))
-    surrogate = Surrogate(base, probes, n)
+    pairs = []
+    if config.pair_probe and n > 1:
+        for i, j in itertools.combinations(range(n), 2):
+            for si, sj in itertools.product((1.0, -1.0), repeat=2):
+                c = [0.0] * n
+                c[i], c[j] = si * config.pair_probe, sj * config.pair_probe
+                pairs.append(evaluator(c))
+    surrogate = Surrogate(base, probes, n, pairs)
     axis = np.round(np.arange(config.low, config.high + 1e-9, config.grid_step), 4)
     grid = np.array(list(itertools.product(axis, repeat=n)))
 
