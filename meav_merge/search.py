@@ -13,7 +13,7 @@ and the search spends them in three phases:
    probes and g_ij bilinear per quadrant from the pair corners, predicts the
    winning level of every query, hence every domain's fractions, at any λ — a fine
    grid costs nothing. Each target's best predicted point (largest worst-domain
-   margin; among equal margins, the smallest λ, where the separable model errs least) is
+   margin; among equal margins, the smallest λ, where the surrogate errs least) is
    then evaluated exactly.
 3. **Correct**: where a verified point misses, the observed residual (exact minus
    predicted scores) is added to the surrogate around that point, which accounts
@@ -55,13 +55,12 @@ def worst_margin(result: Dict[str, Dict[str, float]], target: Target) -> float:
     return min(margin(result[d], lv) for d, lv in target.items())
 
 
-def rank_key(result: Dict[str, Dict[str, float]], target: Target,
-             scores: Optional[Dict[str, np.ndarray]] = None) -> Tuple[float, float, float]:
+def rank_key(e: "Evaluation", target: Target) -> Tuple[float, float, float]:
     """Largest worst-domain margin first; among equals, the largest mean margin (so the
     best point for an unreachable target still meets as many domains as it can), then
     the largest score gap (see ``gap_margin``)."""
-    ms = [margin(result[d], lv) for d, lv in target.items()]
-    return (min(ms), sum(ms) / len(ms), gap_margin(scores, target) if scores is not None else 0.0)
+    ms = [margin(e.fractions[d], lv) for d, lv in target.items()]
+    return (min(ms), sum(ms) / len(ms), gap_margin(e.scores, target))
 
 
 # Token-mean log-prob gaps between a query's responses are O(0.1-1); the scale only sets
@@ -69,22 +68,21 @@ def rank_key(result: Dict[str, Dict[str, float]], target: Target,
 GAP_SCALE = 0.25
 
 
-def gap_margin(scores: Dict[str, np.ndarray], target: Target) -> np.ndarray:
+def gap_margin(scores: Dict[str, np.ndarray], target: Target) -> float:
     """Continuous tie-break in (-1, 1): in the worst domain, the mean over queries of how far
     the target response's score clears the best other response (tanh-squashed).
 
-    With few queries per domain the win fractions are coarse and whole regions of λ share
-    one margin; this picks the point deepest inside the region, the one least likely to
-    flip when the prediction is off. ``scores[d]`` is [..., queries, levels].
+    With few queries per domain the win fractions are coarse and many evaluated points
+    share one margin; this reports the one whose wins are least marginal, the one least
+    likely to flip on other queries. ``scores[d]`` is [queries, levels].
     """
-    worst = None
+    gaps = []
     for d, lv in target.items():
         s = np.asarray(scores[d])
         t = PROFICIENCY_LEVELS.index(lv)
-        gap = s[..., t] - np.delete(s, t, axis=-1).max(axis=-1)
-        g = np.tanh(gap / GAP_SCALE).mean(axis=-1)
-        worst = g if worst is None else np.minimum(worst, g)
-    return worst
+        gap = s[:, t] - np.delete(s, t, axis=1).max(axis=1)
+        gaps.append(float(np.tanh(gap / GAP_SCALE).mean()))
+    return min(gaps)
 
 
 def fractions_from_scores(scores: np.ndarray, levels: Sequence[str]) -> Dict[str, float]:
@@ -165,7 +163,6 @@ class Surrogate:
             sep = self._separable(np.array([e.coefficients]))
             self.interactions.append((i, j, e.coefficients[i], e.coefficients[j],
                                       {d: e.scores[d] - sep[d][0] for d in e.scores}))
-        self._cached = None
 
     def _curve(self, i: int, lams: np.ndarray, domain: str) -> np.ndarray:
         xs = np.array([p[0] for p in self.curves[i]])
@@ -219,8 +216,8 @@ class Surrogate:
             others = np.delete(fr, t, axis=1).max(axis=1)
             margins.append(fr[:, t] - np.maximum(others, 1.0 / len(PROFICIENCY_LEVELS)))
         stacked = np.stack(margins)
-        # Ties: the largest mean margin, as rank_key does, then the smallest λ. The separable
-        # model is exact on the axes and its error (the vectors' interaction) grows with |λ|;
+        # Ties: the largest mean margin, as rank_key does, then the smallest λ. The surrogate
+        # is exact on the axes and its error (unmodelled interaction) grows with |λ|;
         # small |λ| also keeps generation fluent. Both terms stay far below one fraction step.
         size = np.abs(grid).max(axis=1) / max(1e-9, float(np.abs(grid).max()))
         return stacked.min(axis=0) + 1e-3 * stacked.mean(axis=0) - 1e-4 * size
@@ -279,7 +276,7 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
 
     def record(e: Evaluation) -> None:
         for k, t in enumerate(targets):
-            m = rank_key(e.fractions, t, e.scores)
+            m = rank_key(e, t)
             if k not in best or m > best[k][0]:
                 best[k] = (m, e, evaluator.count)
 
@@ -328,7 +325,7 @@ def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: floa
     for c in tqdm(list(itertools.product(axis, repeat=n)), desc="grid", disable=not progress):
         e = evaluator(c)
         for k, t in enumerate(targets):
-            m = rank_key(e.fractions, t, e.scores)
+            m = rank_key(e, t)
             if k not in best or m > best[k][0]:
                 best[k] = (m, e)
     return [SearchResult(t, best[k][1].coefficients, best[k][1].fractions, best[k][0][0], best[k][0][0] > 0,

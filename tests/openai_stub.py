@@ -70,7 +70,7 @@ class OpenAIStub:
                 # A request stops being in flight before its reply is written: once the client
                 # has the reply it may send the next request before this handler finishes.
                 with stub._lock:
-                    if not getattr(self, "_released", False):
+                    if not self._released:
                         self._released = True
                         stub.in_flight -= 1
 
