@@ -9,6 +9,7 @@ tables and the coefficient search all evaluate through it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class ReweightableModel:
         self._base = {n: state[n].detach().clone() for n in self.changing}
         self.scorer = top_layer_scorer(self.model, self.changing) if reuse_frozen_layers else None
         self.coefficients: Tuple[float, ...] = tuple(0.0 for _ in self.vectors)
+        self._scored: Dict[tuple, List[List[float]]] = {}
 
     def set(self, coefficients: Sequence[float]) -> None:
         coefficients = tuple(float(c) for c in coefficients)
@@ -70,7 +72,20 @@ class ReweightableModel:
             self.coefficients = coefficients
 
     def score(self, prepared: Sequence[PreparedQuery], progress: bool = False, desc: str = "score"):
-        return mean_logprobs(self.model, self.tokenizer, prepared, progress=progress, desc=desc, scorer=self.scorer)
+        """Scores at the current coefficients; a (coefficients, queries) pair is scored once
+        (sweeps, out-of-domain tables and Table 1 of one run meet at λ = 0 and at each other's points)."""
+        key = (self.coefficients, _digest(prepared))
+        if key not in self._scored:
+            self._scored[key] = mean_logprobs(self.model, self.tokenizer, prepared, progress=progress, desc=desc,
+                                              scorer=self.scorer)
+        return [list(row) for row in self._scored[key]]
+
+
+def _digest(prepared: Sequence[PreparedQuery]) -> str:
+    h = hashlib.sha256()
+    for q in prepared:
+        h.update(repr((q.context_ids, q.continuations, q.n_whitespace)).encode())
+    return h.hexdigest()
 
 
 @dataclass

@@ -233,16 +233,31 @@ def use_dense_log_prob_head(head) -> None:
 
 
 def _sub_model(model, start: int, count: int, norm: nn.Module):
-    """A decoder stack made of ``count`` of ``model``'s own layers (shared, not copied)."""
+    """A decoder stack made of ``count`` of ``model``'s own layers (shared, not copied).
+
+    Layers above the first get attention views numbered from 0, so a KV cache built for
+    the sub-model's config has a slot for each of them."""
     from transformers import AutoModel
 
     base = model.model
     sub = AutoModel.from_config(_config_with_layers(model.config, count, start))
     sub.embed_tokens = base.embed_tokens
-    sub.layers = nn.ModuleList(base.layers[start:start + count])
+    sub.layers = nn.ModuleList(base.layers[start:start + count] if start == 0 else
+                               [_renumbered(layer, i) for i, layer in enumerate(base.layers[start:start + count])])
     sub.rotary_emb = base.rotary_emb
     sub.norm = norm
     return sub.eval().to(base.embed_tokens.weight.dtype)
+
+
+def _renumbered(layer: nn.Module, idx: int) -> nn.Module:
+    """The same layer (same parameter tensors, so in-place re-weighting is seen) whose
+    attention reads and writes KV-cache slot ``idx``."""
+    view = copy.copy(layer)
+    view._modules = dict(layer._modules)
+    attn = copy.copy(layer.self_attn)
+    attn.layer_idx = idx
+    view._modules["self_attn"] = attn
+    return view
 
 
 def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer"]:
@@ -261,61 +276,91 @@ def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer
     return TopLayerScorer(model, k) if 0 < k < n else None
 
 
+def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log p(target) at each position; the vocabulary-sized logits exist one chunk at a time."""
+    out = []
+    for s in range(0, len(hidden), chunk):
+        logits = lm_head(hidden[s:s + chunk]).float()
+        out.append(logits.gather(1, targets[s:s + chunk, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
 class TopLayerScorer:
     """Token-mean response log-probs when only the top ``k`` layers and the final norm change.
 
     Vectors trained with the CPU preset leave the bottom layers untouched, so the input
-    of layer L−k for each (context + response) row is the same at every λ: it is computed
-    once per row and kept, and each call runs only the top k layers and the LM head
-    (about a third of the full model's work for SmolLM2 with k = 4). Exact, not an
-    approximation: the same function as the full forward pass, on the model's own
-    (shared) modules, so re-weighting the model in place is seen here.
+    of layer L−k for each context and response is the same at every λ: it is computed
+    once and kept, and each call runs only the top k layers and the LM head. Each
+    query's context goes through the top layers once; its responses continue from that
+    KV cache, grouped by length across queries so little is spent on padding. Exact,
+    not an approximation: the same function as the full forward pass, on the model's
+    own (shared) parameters, so re-weighting the model in place is seen here.
     """
 
-    def __init__(self, model, k: int):
+    def __init__(self, model, k: int, rows_per_batch: int = 12):
         n = model.config.num_hidden_layers
-        self.model, self.k = model, k
+        self.model, self.k, self.rows_per_batch = model, k, rows_per_batch
         self.trunk = _sub_model(model, 0, n - k, nn.Identity())
         self.top = _sub_model(model, n - k, k, model.model.norm)
-        self.states: Dict[tuple, torch.Tensor] = {}  # (context, continuations) -> padded trunk output
-
-    @staticmethod
-    def _rows(q) -> List[List[int]]:
-        return [list(q.context_ids) + list(c[:-1]) for c in q.continuations]
+        # (context, continuations) -> trunk output for the context and for each response's inputs
+        self.states: Dict[tuple, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
 
     @torch.no_grad()
-    def _trunk_states(self, q, pad_id: int) -> torch.Tensor:
+    def _trunk_states(self, q) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         key = (tuple(q.context_ids), tuple(tuple(c) for c in q.continuations))
         if key not in self.states:
-            rows = self._rows(q)
-            ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-            self.states[key] = self.trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            out = self.trunk(input_ids=torch.tensor([q.context_ids]), use_cache=True)
+            # a response's inputs are its tokens but the last (which nothing after it predicts)
+            resp = [self.trunk(input_ids=torch.tensor([c[:-1]]), past_key_values=copy.deepcopy(out.past_key_values),
+                               use_cache=True).last_hidden_state[0] if len(c) > 1 else out.last_hidden_state[0, :0]
+                    for c in q.continuations]
+            self.states[key] = (out.last_hidden_state[0], resp)
         return self.states[key]
 
     @torch.no_grad()
-    def score(self, queries, pad_id: int) -> List[List[float]]:
-        states = [self._trunk_states(q, pad_id) for q in queries]
-        lengths = [len(r) for q in queries for r in self._rows(q)]
-        width = max(lengths)
-        h = torch.zeros(len(lengths), width, states[0].shape[-1], dtype=states[0].dtype)
-        mask = torch.zeros(len(lengths), width, dtype=torch.long)
-        i = 0
-        for s in states:
-            for row in s:
-                h[i, : lengths[i]], mask[i, : lengths[i]] = row[: lengths[i]], 1
-                i += 1
-        hidden = self.top(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
-        scores, i = [], 0
+    def score(self, queries, pad_id: int = 0) -> List[List[float]]:
+        states = [self._trunk_states(q) for q in queries]
+        lc = [len(q.context_ids) for q in queries]
+        width_c, d = max(lc), states[0][0].shape[-1]
+        ctx = torch.zeros(len(queries), width_c, d, dtype=states[0][0].dtype)
+        ctx_mask = torch.zeros(len(queries), width_c, dtype=torch.long)
+        for i, (h, _) in enumerate(states):
+            ctx[i, : lc[i]], ctx_mask[i, : lc[i]] = h, 1
+        out = self.top(inputs_embeds=ctx, attention_mask=ctx_mask, use_cache=True)
+        # every response row: (query, its tokens, trunk states of its inputs)
+        rows = [(qi, c, states[qi][1][ci]) for qi, q in enumerate(queries) for ci, c in enumerate(q.continuations)]
+        owner = torch.tensor([qi for qi, _, _ in rows])
+        last = out.last_hidden_state[owner, torch.tensor(lc)[owner] - 1]  # predicts each response's first token
+        logps = [[lp] for lp in token_logprobs(self.model.lm_head, last, torch.tensor([c[0] for _, c, _ in rows])).tolist()]
+        # the rest of each response, by length: rows of similar length share a batch
+        order = sorted((r for r in range(len(rows)) if len(rows[r][2])), key=lambda r: len(rows[r][2]))
+        for start in range(0, len(order), self.rows_per_batch):
+            batch = order[start:start + self.rows_per_batch]
+            width = max(len(rows[r][2]) for r in batch)
+            emb = torch.zeros(len(batch), width, d, dtype=ctx.dtype)
+            pos = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width_c + width, dtype=torch.long)
+            for j, r in enumerate(batch):
+                qi, _, x = rows[r]
+                emb[j, : len(x)] = x
+                pos[j] = lc[qi] + torch.arange(width)
+                mask[j, : lc[qi]] = 1
+                mask[j, width_c: width_c + len(x)] = 1
+            cache = copy.deepcopy(out.past_key_values)
+            cache.reorder_cache(owner[batch])  # each row gets its own query's context KV
+            hidden = self.top(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=False).last_hidden_state
+            picked = torch.cat([hidden[j, : len(rows[r][2])] for j, r in enumerate(batch)])
+            targets = torch.tensor([t for r in batch for t in rows[r][1][1:]])
+            got = token_logprobs(self.model.lm_head, picked, targets).tolist()
+            at = 0
+            for r in batch:
+                n = len(rows[r][2])
+                logps[r].extend(got[at: at + n])
+                at += n
+        scores, r = [], 0
         for q in queries:
-            scores.append([])
-            lc = len(q.context_ids)
-            for c in q.continuations:
-                # positions lc-1 .. lc+len(c)-2 predict the continuation tokens c
-                logp = torch.log_softmax(self.model.lm_head(hidden[i, lc - 1: lc - 1 + len(c)]).float(), dim=-1)
-                own = logp.gather(1, torch.tensor(c)[:, None])[:, 0][q.n_whitespace:]
-                scores[-1].append(float(own.double().mean()))
-                i += 1
+            scores.append([float(torch.tensor(logps[r + i], dtype=torch.float64)[q.n_whitespace:].mean())
+                           for i in range(len(q.continuations))])
+            r += len(q.continuations)
         return scores

@@ -96,6 +96,9 @@ def test_frozen_layer_reuse_equals_full_scoring(tiny_dirs, tiny_tokenizer, tmp_p
         moved.append(got[0][0])
     assert abs(moved[1] - moved[0]) > 1e-3  # the vector really changes the scores
     assert fast.scorer.states  # and the bottom layer's states were reused, not recomputed
+    fast.scorer.rows_per_batch = 4  # response batches that mix queries' contexts
+    mixed = mean_logprobs(fast.model, fast.tokenizer, prepared, progress=False, scorer=fast.scorer)
+    assert sum(mixed, []) == pytest.approx(sum(plain.score(prepared), []), abs=1e-5)
 
 
 def test_frozen_layer_reuse_is_off_when_the_embeddings_change(tiny_dirs, tiny_tokenizer, tmp_path):
@@ -103,3 +106,22 @@ def test_frozen_layer_reuse_is_off_when_the_embeddings_change(tiny_dirs, tiny_to
 
     v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.embed_tokens.", "model.layers.1."))
     assert ReweightableModel(tiny_dirs["base"], [v]).scorer is None
+
+
+def test_reweightable_model_scores_each_point_once(tiny_dirs, tiny_tokenizer, tmp_path, monkeypatch):
+    import meav_merge.sweep as sweep_mod
+
+    v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.layers.1.", "model.norm."))
+    rm = sweep_mod.ReweightableModel(tiny_dirs["base"], [v])
+    calls = []
+    real = sweep_mod.mean_logprobs
+    monkeypatch.setattr(sweep_mod, "mean_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepared = prepare(rm.tokenizer, _recs())
+    at_zero = rm.score(prepared)
+    rm.set([1.5])
+    moved = rm.score(prepared)
+    rm.set([0.0])
+    again = rm.score(prepared)
+    other = rm.score(prepare(rm.tokenizer, _recs(), system="Be brief."))
+    assert len(calls) == 3  # λ=0, λ=1.5, and the other prompt; the second λ=0 call was reused
+    assert again == at_zero and moved != at_zero and other != at_zero
