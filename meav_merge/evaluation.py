@@ -105,8 +105,11 @@ def run_sweep(model: str, vector_specs: Sequence[str], lambdas: str | Sequence[f
 
 
 def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domains: Sequence[str],
-              split: str = "test", limit: Optional[int] = None) -> List[dict]:
-    """Apply the loaded vector at each λ and score every listed domain (paper Tables 2, 7, 8)."""
+              split: str = "test", limit: Optional[int] = None,
+              direction: Optional[Sequence[float]] = None) -> List[dict]:
+    """Move the model along ``direction`` (default: every loaded vector at weight 1) by each λ
+    and score every listed domain (paper Tables 2, 7, 8)."""
+    direction = list(direction) if direction is not None else [1.0] * len(rm.vectors)
     prepared = {}
     for dom in domains:
         recs = load_records(data, dom, split)[: limit or None]
@@ -115,7 +118,7 @@ def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domain
     for lam in lambdas:
         row = {"lambda": lam}
         for dom, (prep, levels) in prepared.items():
-            point = evaluate_point(rm, [lam] * len(rm.vectors), prep, levels)
+            point = evaluate_point(rm, [lam * d for d in direction], prep, levels)
             row.update({f"{dom}:{lv}": point.fractions[lv] for lv in levels})
         rows.append(row)
     return rows
@@ -139,30 +142,37 @@ def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
 
 
 def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[str, float],
-           judge=None, max_new_tokens: int = 96, judged_limit: Optional[int] = None) -> List[dict]:
+           judge=None, max_new_tokens: int = 96, judged_limit: Optional[int] = None,
+           direction: Optional[Sequence[float]] = None) -> List[dict]:
     """Default, prompting ×3 and MEAV ×3 on one domain, with preference accuracy and,
-    when a judge is given, judged generation accuracy (paper Table 1)."""
+    when a judge is given, judged generation accuracy (paper Table 1). MEAV moves the
+    model along ``direction`` (default: every loaded vector at weight 1)."""
     levels = list(records[0].levels)
+    direction = list(direction) if direction is not None else [1.0] * len(rm.vectors)
     configs = [("default", None, 0.0)]
     configs += [(f"prompting:{lv}", LEVEL_PROMPTS[lv], 0.0) for lv in levels if lv in LEVEL_PROMPTS]
     configs += [(f"meav:{lv} (λ={lam:+.2f})", None, lam) for lv, lam in meav_lambdas.items()]
-    rows, done = [], {}
+    rows = []
     for name, system, lam in configs:
-        if (system, lam) in done:  # e.g. MEAV's generic level at λ = 0 is the default model
-            rows.append({**done[(system, lam)], "technique": name})
-            continue
-        point = evaluate_point(rm, [lam] * len(rm.vectors), prepare(rm.tokenizer, records, system=system), levels)
-        row = {"technique": name, **{f"pref:{lv}": point.fractions[lv] for lv in levels}}
-        if judge is not None:
-            from meav_merge.judge import generate_answers, judged_accuracy
+        point = evaluate_point(rm, [lam * d for d in direction], prepare(rm.tokenizer, records, system=system), levels)
+        rows.append({"technique": name, **{f"pref:{lv}": point.fractions[lv] for lv in levels}})
+    if judge is not None:
+        from meav_merge.judge import generate_answers, judged_accuracy
 
-            answers = generate_answers(rm.model, rm.tokenizer, records[: judged_limit or None],
-                                       max_new_tokens=max_new_tokens, system=system)
-            judged = judged_accuracy(answers, judge)
-            row.update({f"judged:{lv}": judged.get(lv, 0.0) for lv in levels})
-            row["judge_confidence"] = judged["judge"].get("answer_confidence", float("nan"))
-        rows.append(row)
-        done[(system, lam)] = row
+        asked = records[: judged_limit or None]
+        judged = {}
+        # one generation per λ: the default model and the three prompts decode as one batch
+        for lam in dict.fromkeys(lam for _, _, lam in configs):
+            systems = list(dict.fromkeys(system for _, system, l in configs if l == lam))
+            rm.set([lam * d for d in direction])
+            answers = generate_answers(rm.model, rm.tokenizer, [r for _ in systems for r in asked],
+                                       max_new_tokens=max_new_tokens, system=[s for s in systems for _ in asked],
+                                       batch_size=8 * len(systems))
+            for i, system in enumerate(systems):
+                judged[(system, lam)] = judged_accuracy(answers[i * len(asked):(i + 1) * len(asked)], judge)
+        for row, (_, system, lam) in zip(rows, configs):
+            row.update({f"judged:{lv}": judged[(system, lam)].get(lv, 0.0) for lv in levels})
+            row["judge_confidence"] = judged[(system, lam)]["judge"].get("answer_confidence", float("nan"))
     return rows
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -140,8 +140,12 @@ def _stop_ids(model, tokenizer) -> List[int]:
 
 
 def generate_answers(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 128,
-                     system: Optional[str] = None, batch_size: int = 8, progress: bool = True) -> List[Answer]:
+                     system: Union[None, str, Sequence[Optional[str]]] = None, batch_size: int = 8,
+                     progress: bool = True) -> List[Answer]:
     """Greedy answers to each record's chat-formatted query, at most ``max_new_tokens`` tokens.
+
+    ``system`` is one system prompt for all records or one per record (several prompting
+    variants then share the decoding steps of one batch).
 
     The prompt is ``scoring.chat_context`` (the preference metric's context) tokenized the way
     lm-eval's HF backend does, so the ``meav_gen`` task generates the same answers.
@@ -156,7 +160,10 @@ def generate_answers(model, tokenizer, records: Sequence[Record], max_new_tokens
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    prompts = [tok_encode(tokenizer, chat_context(tokenizer, r.query, system)) for r in records]
+    systems = [system] * len(records) if system is None or isinstance(system, str) else list(system)
+    if len(systems) != len(records):
+        raise JudgeError(f"got {len(systems)} system prompts for {len(records)} records")
+    prompts = [tok_encode(tokenizer, chat_context(tokenizer, r.query, s)) for r, s in zip(records, systems)]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     device = next(model.parameters()).device
     model.eval()

@@ -200,6 +200,22 @@ def test_generate_answers_is_bounded_and_greedy(untied_dir, tiny_tokenizer):
     assert [a.text for a in single] == [a.text for a in answers]
 
 
+def test_generate_answers_with_a_system_prompt_per_record(untied_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype="float32")
+    records = load_records(data_dir(), "medical", "test")[:3]
+    systems = [None, "Answer as a doctor.", "Refuse politely."]
+    mixed = generate_answers(model, tiny_tokenizer, records * 3, max_new_tokens=8,
+                             system=[s for s in systems for _ in records], batch_size=9, progress=False)
+    for i, s in enumerate(systems):  # one batch of every prompt = each prompt on its own
+        alone = generate_answers(model, tiny_tokenizer, records, max_new_tokens=8, system=s, progress=False)
+        assert [a.text for a in mixed[3 * i: 3 * i + 3]] == [a.text for a in alone]
+    assert len({a.text for a in mixed[:3]} | {a.text for a in mixed[3:6]}) > 3  # the prompt mattered
+    with pytest.raises(JudgeError, match="2 system prompts for 3 records"):
+        generate_answers(model, tiny_tokenizer, records, max_new_tokens=2, system=systems[:2], progress=False)
+
+
 def test_generate_answers_stops_at_an_end_token(untied_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
