@@ -61,10 +61,10 @@ class Pipeline:
         tmp.replace(self.state_file)
 
     def run(self, name: str, fn: Callable[[], dict], inputs: dict, outputs: List[Path], hint: str) -> dict:
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = _key(inputs)
         done = self.state.get(name)
         if done and done.get("key") == key and all(Path(p).exists() for p in outputs):
-            print(f"[demo] {name}: done already, reusing", flush=True)
+            print(f"[demo] {name}: done already ({self.state_file.parent}), reusing", flush=True)
             return done["result"]
         print(f"[demo] {name} ...", flush=True)
         started = time.time()
@@ -80,6 +80,10 @@ class Pipeline:
         self._save()
         print(f"[demo] {name}: {self.timings[name]:.0f} s", flush=True)
         return result
+
+
+def _key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _bin(name: str) -> str:
@@ -165,19 +169,28 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
                   f"Run `lm_eval --model hf --model_args pretrained={merged} --tasks meav_pref --device cpu` to see "
                   "lm-eval's full output.")
 
-    from meav_merge import demo_report
+    # The sweeps, the out-of-domain table and Table 1 depend only on the vectors, the data and
+    # the settings, not on the recipe or --out: they are kept with the vectors, content-addressed,
+    # and any later demo over the same vectors reuses them.
+    from meav_merge import __version__, demo_report
 
-    sweeps = pipe.run("sweeps", lambda: demo_report.sweeps(cfg, vectors, report),
-                      {"vectors": vec_key, "lambdas": cfg.lambdas, "queries": cfg.queries},
-                      [report / f"sweep_{d}.png" for d in DOMAINS], "Try `meav sweep` on the failing domain.")
-    ood = pipe.run("ood_medical", lambda: demo_report.ood(cfg, vectors["medical"], sweeps["medical"], report),
-                   {"vector": vec_key["medical"], "sweep": sweeps["medical"], "queries": cfg.queries},
-                   [report / "ood_medical.csv"], "Try `meav eval ood --vector runs/medical/vector`.")
-    t1 = pipe.run("table1_medical", lambda: demo_report.table1(cfg, vectors["medical"], sweeps["medical"], report),
-                  {"vector": vec_key["medical"], "sweep": sweeps["medical"], "queries": cfg.queries,
-                   "judged": cfg.judged_answers}, [report / "table1_medical.csv"],
-                  "Try `meav eval table1 --vector runs/medical/vector`.")
-    path = demo_report.write_report(cfg, report, lm, sweeps, ood, t1, pipe)
+    evals = cfg.runs / "evaluations" / _key({
+        "vectors": vec_key, "data": {d: _data_hash(cfg.data, d) for d in (*DOMAINS, "helpfulness")},
+        "lambdas": cfg.lambdas, "queries": cfg.queries, "judged": cfg.judged_answers,
+        "max_new_tokens": cfg.max_new_tokens, "meav_merge": __version__})
+    evals.mkdir(parents=True, exist_ok=True)
+    epipe = Pipeline(evals / "state.json")
+    session = demo_report.Session(cfg, vectors)
+    sweeps = epipe.run("sweeps", lambda: demo_report.sweeps(session, evals), {},
+                       [evals / f"sweep_{d}.png" for d in DOMAINS], "Try `meav sweep` on the failing domain.")
+    ood = epipe.run("ood_medical", lambda: demo_report.ood(session, sweeps["medical"], evals), {},
+                    [evals / "ood_medical.csv"], "Try `meav eval ood --vector runs/medical/vector`.")
+    t1 = epipe.run("table1_medical", lambda: demo_report.table1(session, sweeps["medical"], evals), {},
+                   [evals / "table1_medical.csv"], "Try `meav eval table1 --vector runs/medical/vector`.")
+    for f in evals.iterdir():
+        if f.suffix in (".png", ".csv", ".json") and f.name != "state.json":
+            shutil.copy2(f, report / f.name)
+    path = demo_report.write_report(cfg, report, lm, sweeps, ood, t1, [pipe, epipe])
     print(f"\n[demo] report: {path}  (total {time.time() - t0:.0f} s this run)")
     return path
 

@@ -18,12 +18,30 @@ from meav_merge.vectors import AlignmentVector
 INSURANCE_TARGET = {"legal": "expert", "financial": "generic", "medical": "avoidance"}
 
 
-def sweeps(cfg, vectors: Dict[str, Path], report: Path) -> dict:
-    out = {}
-    for domain, vec in vectors.items():
-        rm = ReweightableModel(cfg.model_dir, [AlignmentVector.load(vec)])
+class Session:
+    """The demo's evaluation model: the target with every domain's vector, loaded on first use
+    and shared by the sweeps, the out-of-domain table and Table 1, so frozen-layer states and
+    scores they have in common (λ = 0, the MEAV rows) are computed once."""
+
+    def __init__(self, cfg, vectors: Dict[str, Path]):
+        self.cfg, self.vectors, self._rm = cfg, dict(vectors), None
+
+    @property
+    def rm(self) -> ReweightableModel:
+        if self._rm is None:
+            self._rm = ReweightableModel(self.cfg.model_dir, [AlignmentVector.load(p) for p in self.vectors.values()])
+        return self._rm
+
+    def direction(self, domain: str) -> list:
+        return [1.0 if d == domain else 0.0 for d in self.vectors]
+
+
+def sweeps(session: Session, report: Path) -> dict:
+    cfg, out = session.cfg, {}
+    for domain, vec in session.vectors.items():
         recs = load_records(cfg.data, domain, "test")[: cfg.queries]
-        points = sweep(rm, recs, list(cfg.lambdas), desc=f"sweep {domain}")
+        points = sweep(session.rm, recs, list(cfg.lambdas), directions=[session.direction(domain)],
+                       desc=f"sweep {domain}")
         meta = {"domain": domain, "vector": str(vec), "queries": len(recs)}
         summary = write_sweep(report, f"sweep_{domain}", list(cfg.lambdas), points, meta)
         plot_sweep(list(cfg.lambdas), points, report / f"sweep_{domain}.png",
@@ -38,30 +56,29 @@ def sweeps(cfg, vectors: Dict[str, Path], report: Path) -> dict:
             best[lv] = (min(won, key=abs) if won else
                         max(zip(cfg.lambdas, points), key=lambda lp: (lp[1].fractions[lv], -abs(lp[0])))[0])
         out[domain] = {"points": summary["points"], "ranges": summary["dominance_ranges"], "best_lambda": best}
-        del rm
     return out
 
 
-def ood(cfg, vector: Path, medical_sweep: dict, report: Path) -> dict:
+def ood(session: Session, medical_sweep: dict, report: Path) -> dict:
     """The medical vector at λ = 0 and at each medical level's λ from the sweep (paper Table 2)."""
-    rm = ReweightableModel(cfg.model_dir, [AlignmentVector.load(vector)])
+    cfg = session.cfg
     lambdas = list(dict.fromkeys([0.0, *medical_sweep["best_lambda"].values()]))
-    rows = ood_table(rm, lambdas, str(cfg.data), ["financial", "legal", "safety", "helpfulness"],
-                     limit=cfg.queries)
+    rows = ood_table(session.rm, lambdas, str(cfg.data), ["financial", "legal", "safety", "helpfulness"],
+                     limit=cfg.queries, direction=session.direction("medical"))
     write_rows_csv(rows, report / "ood_medical.csv")
     print("\nout-of-domain effect of the medical vector\n" + format_wide_table(rows), flush=True)
     return {"rows": rows}
 
 
-def table1(cfg, vector: Path, medical_sweep: dict, report: Path) -> dict:
+def table1(session: Session, medical_sweep: dict, report: Path) -> dict:
     from meav_merge.level_classifier import default_classifier
 
-    rm = ReweightableModel(cfg.model_dir, [AlignmentVector.load(vector)])
+    cfg = session.cfg
     recs = load_records(cfg.data, "medical", "test")[: cfg.queries]
     judge = default_classifier(str(cfg.data))
     lams = {lv: lam for lv, lam in medical_sweep["best_lambda"].items()}
-    rows = table1_rows(rm, recs, lams, judge=judge, max_new_tokens=cfg.max_new_tokens,
-                       judged_limit=cfg.judged_answers)
+    rows = table1_rows(session.rm, recs, lams, judge=judge, max_new_tokens=cfg.max_new_tokens,
+                       judged_limit=cfg.judged_answers, direction=session.direction("medical"))
     write_rows_csv(rows, report / "table1_medical.csv")
     print("\nTable 1 (medical)\n" + format_wide_table(rows, first="technique"), flush=True)
     return {"rows": rows, "judge_heldout_accuracy": judge.heldout}
@@ -75,7 +92,7 @@ def _md_table(rows, first: str) -> str:
     return "\n".join(out)
 
 
-def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dict, pipe) -> Path:
+def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dict, pipes) -> Path:
     lines = [
         "# MEAV demo report",
         "",
@@ -110,9 +127,11 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
               "`pref:` preference accuracy; `judged:` judged generation accuracy (greedy answers classified by the "
               f"offline level classifier, whose held-out accuracy is {acc.get('overall', float('nan')):.2f}).", "",
               _md_table(t1["rows"], "technique"), "",
-              "## Step timings (this run)", ""]
-    for name, st in pipe.state.items():
-        lines.append(f"- {name}: {st.get('seconds', 0)} s")
+              "## Step timings", ""]
+    for pipe in pipes:
+        for name, st in pipe.state.items():
+            when = "this run" if name in pipe.timings else f"reused from {pipe.state_file.parent}"
+            lines.append(f"- {name}: {st.get('seconds', 0)} s ({when})")
     path = report / "README.md"
     path.write_text("\n".join(lines) + "\n")
     (report / "summary.json").write_text(json.dumps({"lm_eval": lm["results"], "sweeps": sweeps_, "ood": ood_,

@@ -31,3 +31,46 @@ def test_steps_resume_and_failures_name_the_step(tmp_path):
     out.unlink()
     pipe2.run("a", make_a, {"v": 2}, [out], "hint")
     assert calls == ["a", "b", "a", "a"]
+
+
+def test_demo_evaluations_share_one_model_and_match_single_vector_runs(tiny_dirs, tmp_path, monkeypatch):
+    """Sweeps, OOD table and Table 1 of the demo load the model once, move one vector at a
+    time (the others stay at 0), and agree with each other where they meet (λ = 0)."""
+    import meav_merge.sweep as sweep_mod
+    from meav_merge import demo_report
+    from meav_merge.demo import DemoConfig
+    from meav_merge.evaluation import ood_table
+    from meav_merge.resources import data_dir
+    from meav_merge.vectors import AlignmentVector, extract_vector
+
+    monkeypatch.setenv("MEAV_MERGE_CACHE", str(tmp_path / "cache"))
+    vectors = {"medical": extract_vector(tiny_dirs["aligned_a"], tiny_dirs["base"], tmp_path / "v_med").path,
+               "financial": extract_vector(tiny_dirs["aligned_b"], tiny_dirs["base"], tmp_path / "v_fin").path}
+    cfg = DemoConfig(model_dir=tiny_dirs["base"], data=data_dir(), queries=3, lambdas=(-8.0, 0.0, 8.0),
+                     judged_answers=2, max_new_tokens=3)
+    loads = []
+    real_init = sweep_mod.ReweightableModel.__init__
+    monkeypatch.setattr(sweep_mod.ReweightableModel, "__init__",
+                        lambda self, *a, **k: loads.append(1) or real_init(self, *a, **k))
+    session = demo_report.Session(cfg, vectors)
+    report = tmp_path / "report"
+    report.mkdir()
+    sweeps = demo_report.sweeps(session, report)
+    ood = demo_report.ood(session, sweeps["medical"], report)
+    t1 = demo_report.table1(session, sweeps["medical"], report)
+    assert len(loads) == 1
+    assert {p.name for p in report.iterdir()} >= {"sweep_medical.png", "sweep_financial.png", "ood_medical.csv",
+                                                  "table1_medical.csv"}
+    at_zero = {p["lambda"]: p for p in sweeps["medical"]["points"]}[0.0]
+    default = t1["rows"][0]
+    assert default["technique"] == "default"
+    assert all(default[f"pref:{lv}"] == at_zero[f"pref_acc_{lv}"] for lv in ("expert", "generic", "avoidance"))
+    assert {r["technique"].split(" ")[0] for r in t1["rows"]} >= {"prompting:expert", "meav:expert"}
+    assert all(0 <= default[f"judged:{lv}"] <= 1 for lv in ("expert", "generic", "avoidance"))
+    # the financial vector, loaded too, stays at 0 while the medical one moves
+    alone = sweep_mod.ReweightableModel(tiny_dirs["base"], [AlignmentVector.load(vectors["medical"])])
+    lams = [r["lambda"] for r in ood["rows"]]
+    assert ood["rows"] == ood_table(alone, lams, str(cfg.data), ["financial", "legal", "safety", "helpfulness"],
+                                    limit=cfg.queries)
+    moved = {p["lambda"]: p for p in sweeps["financial"]["points"]}
+    assert moved[8.0] != moved[-8.0]  # each vector does move its own domain
