@@ -117,9 +117,11 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
         def train(domain=domain, run_dir=run_dir):
             from meav_merge.training import train_vector
 
-            if not (run_dir / "vector" / "meav_vector.json").is_file():
+            trained = not (run_dir / "vector" / "meav_vector.json").is_file()
+            if trained:
                 train_vector(cfg.model_dir, cfg.data, run_dir, domain=domain, force=run_dir.exists())
-            return {"vector": str(run_dir / "vector"), "fingerprint": _fingerprint_vector(run_dir / "vector")}
+            return {"vector": str(run_dir / "vector"), "fingerprint": _fingerprint_vector(run_dir / "vector"),
+                    "trained": trained}
 
         pipe.run(f"train_{domain}", train, {"domain": domain, "data": _data_hash(cfg.data, domain)},
                  [run_dir / "vector" / "meav_vector.json"],

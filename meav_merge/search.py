@@ -85,6 +85,12 @@ def gap_margin(scores: Dict[str, np.ndarray], target: Target) -> float:
     return min(gaps)
 
 
+def _add_weighted(total: np.ndarray, w: np.ndarray, resid: np.ndarray) -> None:
+    """total[g] += w[g]·resid at the grid points g whose weight is not zero (most are)."""
+    near = np.nonzero(w)[0]
+    total[near] += w[near, None, None] * resid[None]
+
+
 def fractions_from_scores(scores: np.ndarray, levels: Sequence[str]) -> Dict[str, float]:
     wins = scores.argmax(axis=-1)
     return {lv: float((wins == i).mean()) for i, lv in enumerate(levels)}
@@ -188,9 +194,7 @@ class Surrogate:
             for i in range(self.n):
                 total += self._curve(i, grid[:, i], d)
             for i, j, ci, cj, resid in self.interactions:
-                w = np.clip(grid[:, i] / ci, 0, 1) * np.clip(grid[:, j] / cj, 0, 1)
-                near = np.nonzero(w)[0]
-                total[near] += w[near, None, None] * resid[d][None]
+                _add_weighted(total, np.clip(grid[:, i] / ci, 0, 1) * np.clip(grid[:, j] / cj, 0, 1), resid[d])
             out[d] = total
         if len(grid) > 1:
             self._cached = (grid, out)
@@ -201,9 +205,8 @@ class Surrogate:
         for where, resid in self.corrections:
             # the residual holds near the point it was observed at, fading out by `radius`
             w = np.clip(1 - np.abs(grid - where).max(axis=1) / radius, 0, 1)
-            near = np.nonzero(w)[0]
             for d in out:
-                out[d][near] += w[near, None, None] * resid[d][None]
+                _add_weighted(out[d], w, resid[d])
         return out
 
     def predict_margins(self, grid: np.ndarray, target: Target) -> np.ndarray:
