@@ -7,7 +7,9 @@ the merged model → λ sweeps, out-of-domain table and Table-1 style comparison
 
 Each step records what it produced in ``out/demo_state.json``; a rerun skips the steps
 already finished whose inputs are unchanged, so an interrupted or failed run resumes
-where it stopped. A failing step reports which step failed and what to do.
+where it stopped. A failing step reports which step failed and what to do. The
+evaluations that depend only on the vectors (sweeps, out-of-domain table, Table 1) are
+recorded the same way in ``runs/evaluations/<hash>/``, so they outlive ``--out``.
 """
 
 from __future__ import annotations

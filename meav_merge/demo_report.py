@@ -131,7 +131,7 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
     for pipe in pipes:
         for name, st in pipe.state.items():
             when = ("existing vector" if st.get("result", {}).get("trained") is False else
-                    "this run" if name in pipe.timings else f"reused from {pipe.state_file.parent}")
+                    "this run" if name in pipe.timings else f"an earlier run, kept in {pipe.state_file.parent}")
             lines.append(f"- {name}: {st.get('seconds', 0)} s ({when})")
     path = report / "README.md"
     path.write_text("\n".join(lines) + "\n")
