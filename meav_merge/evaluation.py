@@ -109,7 +109,6 @@ def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domain
               direction: Optional[Sequence[float]] = None) -> List[dict]:
     """Move the model along ``direction`` (default: every loaded vector at weight 1) by each λ
     and score every listed domain (paper Tables 2, 7, 8)."""
-    direction = list(direction) if direction is not None else [1.0] * len(rm.vectors)
     prepared = {}
     for dom in domains:
         recs = load_records(data, dom, split)[: limit or None]
@@ -118,7 +117,7 @@ def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domain
     for lam in lambdas:
         row = {"lambda": lam}
         for dom, (prep, levels) in prepared.items():
-            point = evaluate_point(rm, [lam * d for d in direction], prep, levels)
+            point = evaluate_point(rm, rm.along(lam, direction), prep, levels)
             row.update({f"{dom}:{lv}": point.fractions[lv] for lv in levels})
         rows.append(row)
     return rows
@@ -148,13 +147,12 @@ def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[
     when a judge is given, judged generation accuracy (paper Table 1). MEAV moves the
     model along ``direction`` (default: every loaded vector at weight 1)."""
     levels = list(records[0].levels)
-    direction = list(direction) if direction is not None else [1.0] * len(rm.vectors)
     configs = [("default", None, 0.0)]
     configs += [(f"prompting:{lv}", LEVEL_PROMPTS[lv], 0.0) for lv in levels if lv in LEVEL_PROMPTS]
     configs += [(f"meav:{lv} (λ={lam:+.2f})", None, lam) for lv, lam in meav_lambdas.items()]
     rows = []
     for name, system, lam in configs:
-        point = evaluate_point(rm, [lam * d for d in direction], prepare(rm.tokenizer, records, system=system), levels)
+        point = evaluate_point(rm, rm.along(lam, direction), prepare(rm.tokenizer, records, system=system), levels)
         rows.append({"technique": name, **{f"pref:{lv}": point.fractions[lv] for lv in levels}})
     if judge is not None:
         from meav_merge.judge import generate_answers, judged_accuracy
@@ -164,7 +162,7 @@ def table1(rm: ReweightableModel, records: Sequence[Record], meav_lambdas: Dict[
         # one generation per λ: the default model and the three prompts decode as one batch
         for lam in dict.fromkeys(lam for _, _, lam in configs):
             systems = list(dict.fromkeys(system for _, system, l in configs if l == lam))
-            rm.set([lam * d for d in direction])
+            rm.set(rm.along(lam, direction))
             answers = generate_answers(rm.model, rm.tokenizer, [r for _ in systems for r in asked],
                                        max_new_tokens=max_new_tokens, system=[s for s in systems for _ in asked],
                                        batch_size=8 * len(systems))

@@ -71,6 +71,10 @@ class ReweightableModel:
                           names=self.changing)
             self.coefficients = coefficients
 
+    def along(self, lam: float, direction: Optional[Sequence[float]] = None) -> List[float]:
+        """Coefficients λ·direction (default direction: every loaded vector at weight 1)."""
+        return [lam * d for d in (direction if direction is not None else [1.0] * len(self.vectors))]
+
     def score(self, prepared: Sequence[PreparedQuery], progress: bool = False, desc: str = "score"):
         """Scores at the current coefficients; a (coefficients, queries) pair is scored once
         (sweeps, out-of-domain tables and Table 1 of one run meet at λ = 0 and at each other's points)."""
@@ -114,10 +118,10 @@ def sweep(rm: ReweightableModel, records: Sequence[Record], lambdas: Sequence[fl
     """Score ``records`` at θ_target + λ·(Σ direction_i·v_i) for each λ (default: one vector)."""
     levels = records[0].levels
     prepared = prepare(rm.tokenizer, records, system=system, levels=levels)
-    direction = list(directions[0]) if directions else [1.0] * len(rm.vectors)
+    direction = directions[0] if directions else None
     points = []
     for lam in tqdm(lambdas, desc=desc, unit="λ"):
-        points.append(evaluate_point(rm, [lam * d for d in direction], prepared, levels))
+        points.append(evaluate_point(rm, rm.along(lam, direction), prepared, levels))
     return points
 
 
