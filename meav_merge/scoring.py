@@ -82,6 +82,20 @@ def prepare(tokenizer, records: Sequence[Record], system: Optional[str] = None,
     return out
 
 
+def continuation_layout(context_lengths: Sequence[int], lengths: Sequence[int], width_c: int,
+                        device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and attention mask for rows that continue from a KV cache of right-padded
+    contexts ``width_c`` wide: row r sees the first ``context_lengths[r]`` cached positions and
+    its own ``lengths[r]`` tokens, numbered on from its context's true length."""
+    width = max(lengths)
+    pos = torch.tensor(context_lengths, device=device)[:, None] + torch.arange(width, device=device)
+    mask = torch.zeros((len(lengths), width_c + width), dtype=torch.long, device=device)
+    for r, (lc, n) in enumerate(zip(context_lengths, lengths)):
+        mask[r, :lc] = 1
+        mask[r, width_c: width_c + n] = 1
+    return pos, mask
+
+
 @torch.no_grad()
 def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[List[float]]:
     """Score several queries at once: contexts run once (right-padded, KV kept), then every
@@ -111,14 +125,9 @@ def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[L
     logits = None
     if width > 1:
         ids = torch.full((len(rows), width - 1), pad_id, dtype=torch.long, device=device)
-        pos = torch.zeros_like(ids)
-        mask = torch.zeros((len(rows), width_c + width - 1), dtype=torch.long, device=device)
         for r, (qi, c) in enumerate(rows):
-            n = len(c) - 1
-            ids[r, :n] = torch.tensor(c[:-1], device=device)
-            pos[r] = lc[qi] + torch.arange(width - 1, device=device)
-            mask[r, : lc[qi]] = 1
-            mask[r, width_c: width_c + n] = 1
+            ids[r, : len(c) - 1] = torch.tensor(c[:-1], device=device)
+        pos, mask = continuation_layout([lc[qi] for qi, _ in rows], [len(c) - 1 for _, c in rows], width_c, device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=False).logits
     for r, (qi, c) in enumerate(rows):

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from meav_merge.scoring import continuation_layout
+
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
@@ -338,14 +340,9 @@ class TopLayerScorer:
             batch = order[start:start + self.rows_per_batch]
             width = max(len(rows[r][2]) for r in batch)
             emb = torch.zeros(len(batch), width, d, dtype=ctx.dtype)
-            pos = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width_c + width, dtype=torch.long)
             for j, r in enumerate(batch):
-                qi, _, x = rows[r]
-                emb[j, : len(x)] = x
-                pos[j] = lc[qi] + torch.arange(width)
-                mask[j, : lc[qi]] = 1
-                mask[j, width_c: width_c + len(x)] = 1
+                emb[j, : len(rows[r][2])] = rows[r][2]
+            pos, mask = continuation_layout([lc[rows[r][0]] for r in batch], [len(rows[r][2]) for r in batch], width_c)
             cache = copy.deepcopy(out.past_key_values)
             cache.reorder_cache(owner[batch])  # each row gets its own query's context KV
             hidden = self.top(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
