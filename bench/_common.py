@@ -27,7 +27,7 @@ def run_measured(cmd, env=None) -> tuple[float, float]:
 
 def ensure_model() -> Path:
     if not (MODEL / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "meav_merge.cli", "base", "--out", str(MODEL)], check=True)
+        subprocess.run([sys.executable, "-m", "meav_merge.cli.main", "base", "--out", str(MODEL)], check=True)
     return MODEL
 
 

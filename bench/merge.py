@@ -35,7 +35,7 @@ def main():
     model = ensure_model()
     work = Path(tempfile.mkdtemp(prefix="meav-bench-merge-"))
     aligned = perturbed_copy(model, work / "aligned")
-    from meav_merge.vectors import extract_vector
+    from meav_merge.vectors.alignment_vector import extract_vector
 
     vector = work / "vector"
     if not vector.exists():

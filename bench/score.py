@@ -21,8 +21,8 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meav_merge.data import load_records
-    from meav_merge.scoring import mean_logprobs, preference_accuracy, prepare
+    from meav_merge.data.schema import load_records
+    from meav_merge.evaluation.scoring import mean_logprobs, preference_accuracy, prepare
 
     model_dir = ensure_model()
     recs = load_records(ROOT / "data", "medical", "test")[: args.queries]

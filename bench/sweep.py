@@ -31,18 +31,18 @@ def main():
     if args.vector:
         vector = Path(args.vector)
     else:
-        from meav_merge.vectors import extract_vector
+        from meav_merge.vectors.alignment_vector import extract_vector
 
         vector = work / "vector"
         extract_vector(perturbed_copy(model, work / "aligned"), model, vector)
-    from meav_merge.data import load_records, write_jsonl
+    from meav_merge.data.schema import load_records, write_jsonl
 
     data = work / "medical.jsonl"
     write_jsonl(load_records(ROOT / "data", "medical", "test")[: args.queries], data)
     lambdas = [round(-1.0 + i * 0.5, 2) for i in range(args.points)]
 
-    from meav_merge.sweep import ReweightableModel, sweep
-    from meav_merge.vectors import AlignmentVector
+    from meav_merge.evaluation.sweep import ReweightableModel, sweep
+    from meav_merge.vectors.alignment_vector import AlignmentVector
 
     recs = load_records(data, "medical", None)
     # In memory, twice: re-running every layer, and reusing the frozen bottom layers'

@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--domain", default="medical")
     ap.add_argument("--plain-steps", type=int, default=10)
     args = ap.parse_args()
-    from meav_merge.training import MeavTrainConfig, train_vector
+    from meav_merge.training.dpo import MeavTrainConfig, train_vector
 
     model = ensure_model()
     work = Path(tempfile.mkdtemp(prefix="meav-bench-train-"))

@@ -12,9 +12,9 @@ _API = {
     "extract_vector": "meav_merge.vectors",
     "apply_vectors": "meav_merge.vectors",
     "fingerprint": "meav_merge.vectors",
-    "materialize_base": "meav_merge.base_model",
-    "load_records": "meav_merge.data",
-    "preference_accuracy": "meav_merge.scoring",
+    "materialize_base": "meav_merge.io.base_model",
+    "load_records": "meav_merge.data.schema",
+    "preference_accuracy": "meav_merge.evaluation.scoring",
 }
 
 __all__ = sorted(_API)

@@ -24,7 +24,10 @@ import sys
 
 
 def _register_method(module) -> None:
-    from meav_merge.merge_method import register
+    method = sys.modules.get("meav_merge.merge.method")
+    if method is not None and not hasattr(method, "register"):
+        return  # our method module is importing mergekit right now; it registers itself when done
+    from meav_merge.merge.method import register
 
     register(module)
 
@@ -36,7 +39,7 @@ def _wrap_planner(module) -> None:
 
     def __init__(self, config, *args, **kwargs):
         if config.merge_method == "meav":
-            from meav_merge.merge_method import validate_recipe
+            from meav_merge.merge.method import validate_recipe
 
             validate_recipe(config)
         original(self, config, *args, **kwargs)
@@ -52,7 +55,7 @@ def _wrap_card(module) -> None:
 
     def generate_card(config, *args, **kwargs):
         if config.merge_method == "meav":
-            from meav_merge.card import merge_card
+            from meav_merge.merge.card import merge_card
 
             return merge_card(config, *args, **kwargs)
         return original(config, *args, **kwargs)

@@ -38,6 +38,6 @@ def tiny_dirs(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def embedded_model():
     """The embedded SmolLM2-135M-Instruct, materialized once into models/ (about 25 s)."""
-    from meav_merge.base_model import materialize_base
+    from meav_merge.io.base_model import materialize_base
 
     return materialize_base(ROOT / "models" / "smollm2-135m-instruct")

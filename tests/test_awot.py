@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from meav_merge.awot import (
+from meav_merge.awot.steering import (
     ANCHOR_SETS,
     AnchorError,
     AWOTConfig,
@@ -23,7 +23,7 @@ from meav_merge.awot import (
     manual_anchors,
     step_coefficient,
 )
-from meav_merge.awot_anchors import read_anchor_file, token_log_ratios
+from meav_merge.awot.anchors import read_anchor_file, token_log_ratios
 
 PROMPT = "I have a question about my blood pressure medication"
 EXAMPLES = [  # (prompt, chosen, rejected), in the tiny tokenizer's corpus language
@@ -111,7 +111,7 @@ def test_automatic_anchors_pick_the_highest_log_ratios(tiny_dirs, tiny_tokenizer
     ratios = token_log_ratios(aligned, base, tiny_tokenizer, EXAMPLES, progress=False)
 
     # Reference: log π*/π_ref of every response token, from one full-sequence forward pass each.
-    from meav_merge.scoring import chat_context, encode_pair
+    from meav_merge.evaluation.scoring import chat_context, encode_pair
 
     ref = {"chosen": {}, "rejected": {}}
     for prompt, chosen, rejected in EXAMPLES:
@@ -215,7 +215,7 @@ def test_zero_step_leaves_the_model_bit_identical(tiny, anchors, cfg):
 
 
 def test_pre_norm_requires_the_iterative_path(tiny, anchors):
-    from meav_merge.awot_cli import _awot_config
+    from meav_merge.cli.awot import _awot_config
 
     with pytest.raises(AWOTConfigError, match="pre_norm.*iterative"):
         AWOTConfig(method="closed_form", state="pre_norm")
@@ -263,7 +263,7 @@ def test_logits_processor_matches_the_hook(tiny, anchors):
 # --- evaluations and CLI -------------------------------------------------------------------------------
 
 def test_eval_sentiment_tiny(tmp_path, tiny_dirs):
-    from meav_merge.awot_eval import SentimentEvalConfig, evaluate_sentiment
+    from meav_merge.awot.evaluate import SentimentEvalConfig, evaluate_sentiment
 
     prompts = tmp_path / "openings.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"m{i}", "text": t}) + "\n" for i, t in
@@ -301,7 +301,7 @@ def _safety_file(path):
 
 
 def test_eval_hh_tiny(tmp_path, tiny_dirs):
-    from meav_merge.awot_eval import evaluate_hh
+    from meav_merge.awot.evaluate import evaluate_hh
 
     data = _safety_file(tmp_path / "safety.jsonl")
     res = evaluate_hh(tiny_dirs["base"], tiny_dirs["aligned_a"], data, AWOTConfig(2.0, 60), top_k=3, progress=False)
@@ -314,7 +314,7 @@ def test_eval_hh_tiny(tmp_path, tiny_dirs):
 
 
 def _parser():
-    from meav_merge.awot_cli import add_cli
+    from meav_merge.cli.awot import add_cli
 
     parser = argparse.ArgumentParser(prog="meav")
     add_cli(parser.add_subparsers(dest="command", required=True))
@@ -340,7 +340,7 @@ def test_cli_generate(tmp_path, tiny_dirs, capsys):
 
 @pytest.mark.integration
 def test_embedded_model_sentiment_anchors_and_closed_form(embedded_model):
-    from meav_merge.awot import load_causal_lm
+    from meav_merge.awot.steering import load_causal_lm
 
     model, tok = load_causal_lm(embedded_model)
     a = manual_anchors("sentiment", tok)

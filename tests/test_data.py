@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from meav_merge.cli import main
-from meav_merge.data import (DataError, assign_splits, load_records, near_duplicates, read_jsonl, validate_file,
+from meav_merge.cli.main import main
+from meav_merge.data.schema import (DataError, assign_splits, load_records, near_duplicates, read_jsonl, validate_file,
                              write_jsonl)
 
 ROOT = Path(__file__).resolve().parent.parent

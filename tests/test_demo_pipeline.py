@@ -2,7 +2,7 @@
 
 import pytest
 
-from meav_merge.demo import Pipeline, StepFailed
+from meav_merge.demo.pipeline import Pipeline, StepFailed
 
 
 def test_steps_resume_and_failures_name_the_step(tmp_path):
@@ -36,12 +36,12 @@ def test_steps_resume_and_failures_name_the_step(tmp_path):
 def test_demo_evaluations_share_one_model_and_match_single_vector_runs(tiny_dirs, tmp_path, monkeypatch):
     """Sweeps, OOD table and Table 1 of the demo load the model once, move one vector at a
     time (the others stay at 0), and agree with each other where they meet (λ = 0)."""
-    import meav_merge.sweep as sweep_mod
-    from meav_merge import demo_report
-    from meav_merge.demo import DemoConfig
-    from meav_merge.evaluation import ood_table
+    import meav_merge.evaluation.sweep as sweep_mod
+    from meav_merge.demo import report as demo_report
+    from meav_merge.demo.pipeline import DemoConfig
+    from meav_merge.evaluation.tables import ood_table
     from meav_merge.resources import data_dir
-    from meav_merge.vectors import AlignmentVector, extract_vector
+    from meav_merge.vectors.alignment_vector import AlignmentVector, extract_vector
 
     monkeypatch.setenv("MEAV_MERGE_CACHE", str(tmp_path / "cache"))
     vectors = {"medical": extract_vector(tiny_dirs["aligned_a"], tiny_dirs["base"], tmp_path / "v_med").path,

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_materialize_is_idempotent_and_verified(embedded_model, capsys):
-    from meav_merge.base_model import is_materialized
-    from meav_merge.cli import main
+    from meav_merge.io.base_model import is_materialized
+    from meav_merge.cli.main import main
 
     assert is_materialized(embedded_model)
     cfg = json.loads((embedded_model / "config.json").read_text())
@@ -33,7 +33,7 @@ def test_extract_merge_generate(embedded_model, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meav_merge.vectors import extract_vector
+    from meav_merge.vectors.alignment_vector import extract_vector
 
     aligned = tmp_path / "aligned"
     aligned.mkdir()

@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from meav_merge.data import load_records
-from meav_merge.judge import (
+from meav_merge.data.schema import load_records
+from meav_merge.evaluation.judge import (
     LEVELS,
     UNPARSED,
     Answer,
@@ -21,7 +21,7 @@ from meav_merge.judge import (
     judged_accuracy,
     parse_label,
 )
-from meav_merge.level_classifier import proficiency_records, response_answers
+from meav_merge.evaluation.level_classifier import proficiency_records, response_answers
 from meav_merge.resources import data_dir
 
 DOMAINS = ("medical", "financial", "legal")
@@ -219,7 +219,7 @@ def test_generate_answers_with_a_system_prompt_per_record(untied_dir, tiny_token
 def test_generate_answers_stops_at_an_end_token(untied_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from meav_merge.scoring import chat_context
+    from meav_merge.evaluation.scoring import chat_context
 
     model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype="float32")
     record = load_records(data_dir(), "medical", "test")[0]
@@ -273,7 +273,7 @@ def _gen_utils():
 
 
 def test_lm_eval_docs_come_from_a_data_file_override(untied_dir, tiny_tokenizer, tmp_path):
-    from meav_merge.scoring import chat_context
+    from meav_merge.evaluation.scoring import chat_context
 
     records = load_records(data_dir(), "legal", "test")[:2]
     own = tmp_path / "mine.jsonl"

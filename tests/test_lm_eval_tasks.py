@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from meav_merge.data import Record, read_jsonl
-from meav_merge.scoring import chat_context, mean_logprobs, prepare
+from meav_merge.data.schema import Record, read_jsonl
+from meav_merge.evaluation.scoring import chat_context, mean_logprobs, prepare
 
 RECORDS = [
     {"id": "m1", "domain": "medical", "persona": "p", "query": "My blood pressure is 150/95 at 52. What should I do?",

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from meav_merge.vectors import extract_vector
+from meav_merge.vectors.alignment_vector import extract_vector
 
 MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
 
@@ -72,7 +72,7 @@ def test_multi_vector_and_card(tiny_dirs, vectors, tmp_path):
     run_mergekit(recipe, tmp_path / "out", tmp_path)
     assert_merged(tmp_path / "out", expected(tiny_dirs["base"], [(0.6, vectors["a"]), (-1.0, vectors["b"])]))
     card = (tmp_path / "out" / "README.md").read_text()
-    from meav_merge.checkpoint import fingerprint
+    from meav_merge.io.checkpoint import fingerprint
 
     fp = fingerprint(tiny_dirs["base"])
     for vec, lam in ((vectors["a"], "0.6"), (vectors["b"], "-1.0")):
@@ -190,7 +190,7 @@ def test_plugin_changes_nothing_for_builtin_methods(tiny_dirs, tmp_path):
 
 
 def test_meav_merge_command_is_atomic(tiny_dirs, vectors, tmp_path):
-    from meav_merge.cli import main
+    from meav_merge.cli.main import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "meav", "base_model": str(tiny_dirs["base"]),

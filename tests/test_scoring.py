@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from meav_merge.data import parse_record
-from meav_merge.scoring import (chat_context, dominant, encode_pair, mean_logprobs, preference_accuracy, prepare,
+from meav_merge.data.schema import parse_record
+from meav_merge.evaluation.scoring import (chat_context, dominant, encode_pair, mean_logprobs, preference_accuracy, prepare,
                                 winners)
 
 
@@ -66,7 +66,7 @@ def _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, prefixes):
     """A vector that changes only the tensors whose names start with one of ``prefixes``."""
     from tiny import build_model, save
 
-    from meav_merge.vectors import extract_vector
+    from meav_merge.vectors.alignment_vector import extract_vector
 
     model = build_model(tiny_tokenizer, seed=0)
     gen = torch.Generator().manual_seed(3)
@@ -79,7 +79,7 @@ def _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, prefixes):
 
 
 def test_frozen_layer_reuse_equals_full_scoring(tiny_dirs, tiny_tokenizer, tmp_path):
-    from meav_merge.sweep import ReweightableModel
+    from meav_merge.evaluation.sweep import ReweightableModel
 
     v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.layers.1.", "model.norm."))
     fast = ReweightableModel(tiny_dirs["base"], [v])
@@ -102,14 +102,14 @@ def test_frozen_layer_reuse_equals_full_scoring(tiny_dirs, tiny_tokenizer, tmp_p
 
 
 def test_frozen_layer_reuse_is_off_when_the_embeddings_change(tiny_dirs, tiny_tokenizer, tmp_path):
-    from meav_merge.sweep import ReweightableModel
+    from meav_merge.evaluation.sweep import ReweightableModel
 
     v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.embed_tokens.", "model.layers.1."))
     assert ReweightableModel(tiny_dirs["base"], [v]).scorer is None
 
 
 def test_reweightable_model_scores_each_point_once(tiny_dirs, tiny_tokenizer, tmp_path, monkeypatch):
-    import meav_merge.sweep as sweep_mod
+    import meav_merge.evaluation.sweep as sweep_mod
 
     v = _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, ("model.layers.1.", "model.norm."))
     rm = sweep_mod.ReweightableModel(tiny_dirs["base"], [v])

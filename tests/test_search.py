@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from meav_merge.data import parse_record, write_jsonl
-from meav_merge.search import ExactEvaluator, SearchConfig, grid_search, margin, search, worst_margin
-from meav_merge.sweep import ReweightableModel
-from meav_merge.vectors import AlignmentVector
+from meav_merge.data.schema import parse_record, write_jsonl
+from meav_merge.evaluation.search import ExactEvaluator, SearchConfig, grid_search, margin, search, worst_margin
+from meav_merge.evaluation.sweep import ReweightableModel
+from meav_merge.vectors.alignment_vector import AlignmentVector
 
 LETTERS = {"medical": ("q", "w", "x"), "legal": ("j", "k", "v"), "financial": ("b", "d", "f")}
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from openai_stub import OpenAIStub
 
-from meav_merge.data import PROFICIENCY_LEVELS, DataError, load_records, parse_record, read_jsonl
-from meav_merge.llm_client import (ChatResult, LLMRequestError, LLMUnavailableError, OpenAICompatibleBackend,
+from meav_merge.data.schema import PROFICIENCY_LEVELS, DataError, load_records, parse_record, read_jsonl
+from meav_merge.data.synth.llm_client import (ChatResult, LLMRequestError, LLMUnavailableError, OpenAICompatibleBackend,
                                    TransformersBackend)
-from meav_merge.synthesis_filters import clean_reply, drop_reason, looks_cut_off, looks_english
-from meav_merge.synthesis_prompts import LEVEL_DEFINITIONS, parse_persona_list
-from meav_merge.synthesize import SynthesisConfig, SynthesisError, add_cli, read_personas, record_id, synthesize
+from meav_merge.data.synth.filters import clean_reply, drop_reason, looks_cut_off, looks_english
+from meav_merge.data.synth.prompts import LEVEL_DEFINITIONS, parse_persona_list
+from meav_merge.data.synth.pipeline import SynthesisConfig, SynthesisError, add_cli, read_personas, record_id, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,7 +220,7 @@ def test_concurrency_is_bounded_and_submission_lazy(tmp_path):
 
 _KILLABLE = textwrap.dedent("""
     import argparse, sys
-    from meav_merge.synthesize import add_cli
+    from meav_merge.data.synth.pipeline import add_cli
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers().add_parser("data").add_subparsers())
     args = parser.parse_args(sys.argv[1:])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meav_merge.data import parse_record, write_jsonl
-from meav_merge.training import MeavTrainConfig, pair_rows, preference_pairs, train_vector
+from meav_merge.data.schema import parse_record, write_jsonl
+from meav_merge.training.dpo import MeavTrainConfig, pair_rows, preference_pairs, train_vector
 
 
 def _records(domain="medical", n=6):
@@ -134,7 +134,7 @@ def test_resume_after_interruption(tiny_dirs, data_dir, tmp_path, monkeypatch):
 
 
 def test_one_command_trains_several_domains_and_checks_control(tiny_dirs, data_dir, tmp_path, capsys):
-    from meav_merge.cli import main
+    from meav_merge.cli.main import main
 
     runs = tmp_path / "runs"
     assert main(["train", "--domain", "medical,legal", "--base", str(tiny_dirs["base"]), "--data", str(data_dir),
@@ -148,7 +148,7 @@ def test_one_command_trains_several_domains_and_checks_control(tiny_dirs, data_d
 
 
 def test_lambda_control_criterion():
-    from meav_merge.sweep import lambda_control
+    from meav_merge.evaluation.sweep import lambda_control
 
     def summary(exp_at_pos, avd_at_neg):
         pts = [{"lambda": -1.0, "pref_acc_expert": 0.0, "pref_acc_generic": 1 - avd_at_neg, "pref_acc_avoidance": avd_at_neg},

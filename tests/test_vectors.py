@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meav_merge.checkpoint import Checkpoint, CheckpointError, fingerprint
-from meav_merge.vectors import AlignmentVector, VectorError, apply_vectors, extract_vector
+from meav_merge.io.checkpoint import Checkpoint, CheckpointError, fingerprint
+from meav_merge.vectors.alignment_vector import AlignmentVector, VectorError, apply_vectors, extract_vector
 
 
 def _sd(path):

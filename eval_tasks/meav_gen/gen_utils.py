@@ -1,7 +1,7 @@
 """lm-eval hooks for ``meav_gen``: judged generation accuracy on the shipped test split.
 
 The task builds its own docs (no hub download): the domain's test records from
-``meav_merge.data``, each with its query already chat-formatted by the model's own
+``meav_merge.data.schema``, each with its query already chat-formatted by the model's own
 tokenizer (taken from ``tokenizer`` or ``pretrained`` in the task metadata, where
 lm-eval merges ``--model_args``), exactly as ``meav judge`` and the preference metric
 format it. Do not pass ``--apply_chat_template``: the prompt is already a chat.
@@ -24,9 +24,9 @@ def load_docs(domain: str, pretrained=None, tokenizer=None, system: str | None =
     """``custom_dataset``: called with the task metadata and ``dataset_kwargs`` (the domain)."""
     from transformers import AutoTokenizer
 
-    from meav_merge.data import load_records
+    from meav_merge.data.schema import load_records
     from meav_merge.resources import data_dir
-    from meav_merge.scoring import chat_context
+    from meav_merge.evaluation.scoring import chat_context
 
     source = tokenizer or pretrained
     if not isinstance(source, str) or not source:
@@ -41,7 +41,7 @@ def load_docs(domain: str, pretrained=None, tokenizer=None, system: str | None =
 
 @lru_cache(maxsize=1)
 def _classifier():
-    from meav_merge.judge import default_classifier
+    from meav_merge.evaluation.judge import default_classifier
 
     return default_classifier()
 
@@ -49,7 +49,7 @@ def _classifier():
 @lru_cache(maxsize=None)
 def _heldout(domain: str) -> float:
     """The classifier's accuracy on this domain's shipped test responses (all domains' if unknown)."""
-    from meav_merge.level_classifier import level_accuracy, proficiency_records, response_answers
+    from meav_merge.evaluation.level_classifier import level_accuracy, proficiency_records, response_answers
     from meav_merge.resources import data_dir
 
     clf = _classifier()
@@ -61,7 +61,7 @@ def _heldout(domain: str) -> float:
 
 
 def process_results(doc: dict, results: list) -> dict:
-    from meav_merge.judge import Answer
+    from meav_merge.evaluation.judge import Answer
 
     clf = _classifier()
     answer = Answer(id=doc["id"], domain=doc["domain"], query=doc["query"], text=results[0].strip())

@@ -29,9 +29,9 @@ from typing import Dict, List
 
 import datasets
 
-from meav_merge.data import levels_for, load_records
+from meav_merge.data.schema import levels_for, load_records
 from meav_merge.resources import data_dir
-from meav_merge.scoring import chat_context, encode_pair
+from meav_merge.evaluation.scoring import chat_context, encode_pair
 
 SHORT = {"expert": "exp", "generic": "gen", "avoidance": "avd"}
 

@@ -1,0 +1,23 @@
+"""AWOT: steering generation through the LM head's input with anchor words, without touching weights.
+
+``steering`` holds the hook (iterative and closed form), ``anchors`` the word sets, ``evaluate`` the paper's evaluations.
+"""
+
+from meav_merge.awot.anchors import (  # noqa: F401
+    AnchorError,
+    Anchors,
+    anchors_from_words,
+    automatic_anchors,
+    load_causal_lm,
+    manual_anchors,
+    resolve_anchors,
+)
+from meav_merge.awot.steering import (  # noqa: F401
+    AWOTConfig,
+    AWOTConfigError,
+    AWOTLogitsProcessor,
+    AWOTSteering,
+    anchor_direction,
+    awot_steering,
+    step_coefficient,
+)

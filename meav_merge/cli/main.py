@@ -1,0 +1,275 @@
+"""The ``meav`` command line. Each subcommand is a thin layer over one module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from meav_merge.resources import DEFAULT_MODEL_DIR
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _cmd_base(args) -> None:
+    from meav_merge.io.base_model import materialize_base
+
+    path = materialize_base(args.out, gguf=args.gguf, source=args.source, force=args.force)
+    print(f"base model ready: {path.resolve()}")
+
+
+def _cmd_extract(args) -> None:
+    import torch
+
+    from meav_merge.vectors.alignment_vector import extract_vector
+
+    meta = {}
+    if args.domain:
+        meta["domain"] = args.domain
+    if args.preference:
+        meta["preference"] = args.preference
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
+    vec = extract_vector(args.aligned, args.base, args.out, minus=args.minus, dtype=dtype, meta=meta,
+                         force=args.force)
+    print(f"{vec.meta['kind']} written to {args.out}: {len(vec.keys())} tensors, ‖v‖ = {vec.norm():.4f}, "
+          f"base fingerprint {vec.meta['base_fingerprint']}")
+
+
+def _cmd_merge(args) -> None:
+    from meav_merge.merge.recipe import merge_recipe
+
+    out = merge_recipe(args.recipe, args.out, force=args.force, cuda=args.cuda)
+    print(f"merged model written to {out}")
+
+
+def _cmd_card(args) -> None:
+    import json
+
+    from meav_merge.merge.card import add_eval_results
+
+    try:
+        results = json.loads(Path(args.results).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{args.results}: cannot read results JSON ({e})") from None
+    print(f"updated {add_eval_results(args.model, results)}")
+
+
+def _cmd_data_validate(args) -> None:
+    from meav_merge.data.schema import validate_file
+
+    failed = 0
+    for path in args.files:
+        rep = validate_file(path)
+        print(f"{path}: {len(rep.records)} records")
+        for domain, counts in sorted(rep.counts().items()):
+            print(f"  {domain:<12} " + "  ".join(f"{s}={counts.get(s, 0)}" for s in ("train", "validation", "test")))
+        for domain, st in sorted(rep.length_stats().items()):
+            mw = st["mean_words"]
+            print(f"  {domain:<12} expert longest {st['expert_longest']:.0%}, avoidance shortest "
+                  f"{st['avoidance_shortest']:.0%} (limit 60%); mean words exp/gen/avd "
+                  f"{mw['expert']:.0f}/{mw['generic']:.0f}/{mw['avoidance']:.0f}")
+        for e in rep.errors:
+            print(f"error: {e}", file=sys.stderr)
+        failed += bool(rep.errors)
+    if failed:
+        raise UsageError(f"{failed} file(s) failed validation")
+
+
+def _cmd_data_split(args) -> None:
+    from meav_merge.data.schema import assign_splits, read_jsonl, write_jsonl
+
+    records = read_jsonl(args.file)
+    assign_splits(records)
+    if args.write:
+        write_jsonl(records, args.file)
+    from collections import Counter
+
+    print(f"{args.file}: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(r.split for r in records).items()))
+          + ("" if args.write else " (dry run; --write to store)"))
+
+
+def _parse_joint(spec: str) -> dict:
+    out = {}
+    for part in spec.split(","):
+        domain, sep, level = part.partition("=")
+        if not sep or not domain.strip() or not level.strip():
+            raise UsageError(f"--joint: expected domain=level[,domain=level...], got '{part}'")
+        out[domain.strip()] = level.strip()
+    return out
+
+
+def _cmd_train(args) -> None:
+    from meav_merge.training.dpo import MeavTrainConfig, train_vector
+
+    layers = -1 if args.trainable_layers is None else (None if args.trainable_layers == "all"
+                                                         else int(args.trainable_layers))
+    cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
+                          per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+                          trainable_layers=layers, seed=args.seed)
+    domains = [d.strip() for d in args.domain.split(",") if d.strip()] if args.domain else [None]
+    if args.check and args.joint:
+        raise ValueError("--check applies to --domain runs (a joint model has no single λ axis)")
+    for domain in domains:
+        # several domains: one run directory per domain under --out
+        out_dir = Path(args.out) / domain if len(domains) > 1 else Path(args.out)
+        started = time.time()
+        out = train_vector(args.base, args.data, out_dir, domain=domain,
+                           joint=_parse_joint(args.joint) if args.joint else None,
+                           preference_vector=args.preference_vector, config=cfg, force=args.force)
+        print(f"aligned model: {out / 'aligned'}\nalignment vector: {out / 'vector'}  "
+              f"({time.time() - started:.0f} s)")
+        if args.preference_vector:
+            print(f"preference vector (θ+ − θ−): {out / 'preference_vector'}")
+        if args.check:
+            _check_control(args.base, out, args.data, domain, args.check)
+
+
+def _check_control(base: str, run: Path, data: str, domain: str, lambdas: str) -> None:
+    """Sweep the new vector on the domain's test split and say whether λ controls the level."""
+    from meav_merge.evaluation.tables import run_sweep
+    from meav_merge.evaluation.sweep import lambda_control
+
+    summary = run_sweep(base, [str(run / "vector")], lambdas, data, run / "control", domain=domain,
+                        split="test", force=True)[domain]
+    verdict = lambda_control(summary)
+    print(f"{domain}: λ-control {'met' if verdict['met'] else 'NOT met'}: " + "; ".join(verdict["lines"]))
+
+
+def _cmd_sweep(args) -> None:
+    from meav_merge.evaluation.tables import run_sweep
+
+    run_sweep(args.model, args.vector, args.lambdas, args.data, args.out, domain=args.domain, split=args.split,
+              transfer=args.transfer, force=args.force, limit=args.limit)
+
+
+def _add_common_output(p, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"overwrite an existing {what}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meav", description="Inference-time preference alignment as model editing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("base", help="materialize the base model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default=str(DEFAULT_MODEL_DIR), help="output directory (default: %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--gguf", help="convert this local GGUF file instead of the embedded model")
+    src.add_argument("--source", help="convert this local Hugging Face model directory (safetensors)")
+    _add_common_output(p, "model directory")
+    p.set_defaults(func=_cmd_base)
+
+    p = sub.add_parser("extract", help="alignment vector AV = aligned − base, or preference vector θ+ − θ−")
+    p.add_argument("--aligned", required=True, help="aligned checkpoint (θ_aligned, or θ+ for a preference vector)")
+    p.add_argument("--base", help="unaligned model the vector is measured from and meant for")
+    p.add_argument("--minus", help="θ− checkpoint (trained on swapped preferences): writes θ+ − θ−")
+    p.add_argument("--out", required=True, help="output vector directory")
+    p.add_argument("--domain", help="domain recorded in the vector's metadata")
+    p.add_argument("--preference", help="preference recorded in the metadata, e.g. 'expert>generic>avoidance'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    _add_common_output(p, "vector directory")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("merge", help="run a mergekit recipe (same as mergekit-yaml, but atomic and validated first)")
+    p.add_argument("recipe")
+    p.add_argument("out")
+    p.add_argument("--cuda", action="store_true", help="do the tensor math on the GPU")
+    _add_common_output(p, "output directory")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("card", help="add lm-eval results to a merged model's card")
+    p.add_argument("model")
+    p.add_argument("--results", required=True, help="lm-eval results JSON")
+    p.set_defaults(func=_cmd_card)
+
+    p = sub.add_parser("data", help="validate, split and synthesize preference data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("validate", help="check data files; prints counts and length statistics")
+    q.add_argument("files", nargs="+")
+    q.set_defaults(func=_cmd_data_validate)
+    q = data_sub.add_parser("split", help="assign the deterministic train/validation/test split")
+    q.add_argument("file")
+    q.add_argument("--write", action="store_true", help="store the split field in the file")
+    q.set_defaults(func=_cmd_data_split)
+    _optional_cli("meav_merge.data.synth.pipeline", data_sub)
+
+    p = sub.add_parser("train", help="DPO (IPO loss) alignment and vector extraction")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
+    target.add_argument("--joint", help="joint-training baseline, e.g. medical=avoidance,financial=generic,legal=expert")
+    p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="unaligned model (default: %(default)s)")
+    p.add_argument("--data", default="data", help="data directory or JSONL file (default: %(default)s)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                   help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
+    p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS",
+                   help="after training, sweep the test split at these λ and check that some λ>0 makes the "
+                        "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "
+                        "(default λ: %(const)s)")
+    _add_common_output(p, "run directory")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="preference accuracy across λ, re-weighting the model in memory")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
+    p.add_argument("--vector", action="append", required=True,
+                   help="vector directory, optionally DIR:weight; repeat to sweep a weighted sum")
+    p.add_argument("--lambdas", default="-1.5:1.0:0.1", help="start:stop:step or a comma list")
+    p.add_argument("--data", required=True, help="JSONL file (or data directory with --domain)")
+    p.add_argument("--domain", help="domain to score (default: every domain in the file)")
+    p.add_argument("--split", default="test", help="train, validation, test or all (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="score only the first N queries")
+    p.add_argument("--transfer", action="store_true", help="allow vectors measured from another model")
+    p.add_argument("--out", required=True)
+    _add_common_output(p, "output directory")
+    p.set_defaults(func=_cmd_sweep)
+
+    for module in ("meav_merge.evaluation.tables", "meav_merge.evaluation.search", "meav_merge.evaluation.judge", "meav_merge.cli.awot",
+                   "meav_merge.demo.pipeline"):
+        _optional_cli(module, sub)
+    return parser
+
+
+def _optional_cli(module: str, subparsers) -> None:
+    """Subcommands of the larger features register themselves (``add_cli``)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return
+        raise
+    mod.add_cli(subparsers)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("meav: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError, OSError) as e:
+        if os.environ.get("MEAV_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"meav {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

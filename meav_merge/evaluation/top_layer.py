@@ -1,0 +1,114 @@
+"""Scoring when only the top layers change: the bottom stack runs once per text, every λ reuses it."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from meav_merge.evaluation.scoring import continuation_layout
+from meav_merge.layers import SUPPORTED_MODEL_TYPES, sub_model
+
+
+def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer"]:
+    """A ``TopLayerScorer`` when every changing tensor is in the top layers or the final norm, else None."""
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES or not changing:
+        return None
+    n = model.config.num_hidden_layers
+    lowest = n
+    for name in changing:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            lowest = min(lowest, int(m.group(1)))
+        elif not name.startswith("model.norm."):
+            return None  # embeddings / LM head change: every layer's input changes
+    k = n - lowest
+    return TopLayerScorer(model, k) if 0 < k < n else None
+
+
+def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log p(target) at each position; the vocabulary-sized logits exist one chunk at a time."""
+    out = []
+    for s in range(0, len(hidden), chunk):
+        logits = lm_head(hidden[s:s + chunk]).float()
+        out.append(logits.gather(1, targets[s:s + chunk, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+class TopLayerScorer:
+    """Token-mean response log-probs when only the top ``k`` layers and the final norm change.
+
+    Vectors trained with the CPU preset leave the bottom layers untouched, so the input
+    of layer L−k for each context and response is the same at every λ: it is computed
+    once and kept, and each call runs only the top k layers and the LM head. Each
+    query's context goes through the top layers once; its responses continue from that
+    KV cache, grouped by length across queries so little is spent on padding. Exact,
+    not an approximation: the same function as the full forward pass, on the model's
+    own (shared) parameters, so re-weighting the model in place is seen here.
+    """
+
+    def __init__(self, model, k: int, rows_per_batch: int = 12):
+        n = model.config.num_hidden_layers
+        self.model, self.k, self.rows_per_batch = model, k, rows_per_batch
+        self.trunk = sub_model(model, 0, n - k, nn.Identity())
+        self.top = sub_model(model, n - k, k, model.model.norm)
+        # (context, continuations) -> trunk output for the context and for each response's inputs
+        self.states: Dict[tuple, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def _trunk_states(self, q) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        key = (tuple(q.context_ids), tuple(tuple(c) for c in q.continuations))
+        if key not in self.states:
+            out = self.trunk(input_ids=torch.tensor([q.context_ids]), use_cache=True)
+            # a response's inputs are its tokens but the last (which nothing after it predicts)
+            resp = [self.trunk(input_ids=torch.tensor([c[:-1]]), past_key_values=copy.deepcopy(out.past_key_values),
+                               use_cache=True).last_hidden_state[0] if len(c) > 1 else out.last_hidden_state[0, :0]
+                    for c in q.continuations]
+            self.states[key] = (out.last_hidden_state[0], resp)
+        return self.states[key]
+
+    @torch.no_grad()
+    def score(self, queries, pad_id: int = 0) -> List[List[float]]:
+        states = [self._trunk_states(q) for q in queries]
+        lc = [len(q.context_ids) for q in queries]
+        width_c, d = max(lc), states[0][0].shape[-1]
+        ctx = torch.zeros(len(queries), width_c, d, dtype=states[0][0].dtype)
+        ctx_mask = torch.zeros(len(queries), width_c, dtype=torch.long)
+        for i, (h, _) in enumerate(states):
+            ctx[i, : lc[i]], ctx_mask[i, : lc[i]] = h, 1
+        out = self.top(inputs_embeds=ctx, attention_mask=ctx_mask, use_cache=True)
+        # every response row: (query, its tokens, trunk states of its inputs)
+        rows = [(qi, c, states[qi][1][ci]) for qi, q in enumerate(queries) for ci, c in enumerate(q.continuations)]
+        owner = torch.tensor([qi for qi, _, _ in rows])
+        last = out.last_hidden_state[owner, torch.tensor(lc)[owner] - 1]  # predicts each response's first token
+        logps = [[lp] for lp in token_logprobs(self.model.lm_head, last, torch.tensor([c[0] for _, c, _ in rows])).tolist()]
+        # the rest of each response, by length: rows of similar length share a batch
+        order = sorted((r for r in range(len(rows)) if len(rows[r][2])), key=lambda r: len(rows[r][2]))
+        for start in range(0, len(order), self.rows_per_batch):
+            batch = order[start:start + self.rows_per_batch]
+            width = max(len(rows[r][2]) for r in batch)
+            emb = torch.zeros(len(batch), width, d, dtype=ctx.dtype)
+            for j, r in enumerate(batch):
+                emb[j, : len(rows[r][2])] = rows[r][2]
+            pos, mask = continuation_layout([lc[rows[r][0]] for r in batch], [len(rows[r][2]) for r in batch], width_c)
+            cache = copy.deepcopy(out.past_key_values)
+            cache.reorder_cache(owner[batch])  # each row gets its own query's context KV
+            hidden = self.top(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=False).last_hidden_state
+            picked = torch.cat([hidden[j, : len(rows[r][2])] for j, r in enumerate(batch)])
+            targets = torch.tensor([t for r in batch for t in rows[r][1][1:]])
+            got = token_logprobs(self.model.lm_head, picked, targets).tolist()
+            at = 0
+            for r in batch:
+                n = len(rows[r][2])
+                logps[r].extend(got[at: at + n])
+                at += n
+        scores, r = [], 0
+        for q in queries:
+            scores.append([float(torch.tensor(logps[r + i], dtype=torch.float64)[q.n_whitespace:].mean())
+                           for i in range(len(q.continuations))])
+            r += len(q.continuations)
+        return scores

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: safetensors-only reading, atomic writing, fingerprints, and the embedded base model."""

@@ -1,0 +1,223 @@
+"""The ``meav`` mergekit method: θ_out = θ_target + Σ_i λ_i · v_i.
+
+Recipe::
+
+    merge_method: meav
+    base_model: models/smollm2-135m-instruct        # θ_target
+    models:
+      - model: vectors/medical                      # an alignment-vector directory
+        parameters: {lambda: 0.5}
+      - model: runs/legal/aligned                   # or a full aligned checkpoint,
+        parameters:                                 # measured from the model it was
+          lambda: -0.3                              # trained from
+          unaligned: models/smollm2-135m-instruct
+
+Parameters (per model entry): ``lambda`` (required, any sign, no normalisation),
+``unaligned`` (path; marks the entry as a full checkpoint, v = θ_entry − θ_unaligned),
+``transfer`` (true to allow a vector measured from a model other than the target).
+Unknown parameter names are errors, unlike mergekit's default of ignoring them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import functools
+from pathlib import Path
+from typing import Any, Iterable, Optional, Tuple
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    FunctionalGroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from meav_merge.io.checkpoint import Checkpoint, CheckpointError, fingerprint
+from meav_merge.vectors.alignment_vector import AlignmentVector, VectorError, check_vector_against, is_vector_dir
+
+METHOD_NAME = "meav"
+PARAMETERS = ("lambda", "unaligned", "transfer")
+
+
+class RecipeError(ValueError):
+    """A ``meav`` recipe that cannot be merged; the message names the key or entry."""
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_weights(path: str):
+    """Name -> WeightInfo for the unaligned model, so tied/aliased names resolve the
+    same way mergekit resolves them for the aligned entry."""
+    from mergekit.architecture import arch_info_for_config
+    from mergekit.architecture.base import ConfiguredModelArchitecture
+    from mergekit.common import ModelReference
+
+    ref = ModelReference.parse(path)
+    cfg = ref.config()
+    arch = ConfiguredModelArchitecture(info=arch_info_for_config(cfg), config=cfg)
+    return ref, {w.name: w for w in arch.all_weights()}
+
+
+def _load_reference_tensor(path: str, name: str) -> torch.Tensor:
+    from mergekit.io.tasks import LoadTensor
+
+    ref, weights = _reference_weights(path)
+    info = weights.get(name)
+    return LoadTensor(
+        model=ref,
+        tensor=name,
+        aliases=info.aliases if info else None,
+        tied_names=info.tied_names if info else None,
+    ).execute()
+
+
+def _entry_path(entry_id: Any) -> str:
+    model = getattr(entry_id, "model", None)
+    return getattr(model, "path", str(entry_id))
+
+
+def meav_kernel(group: TensorGroup, /, **params: Any) -> torch.Tensor:
+    target = group.base.tensor
+    name = group.metadata.name
+    wide = any(e.tensor.dtype == torch.float64 for e in group.entries)
+    acc_dtype = torch.float64 if wide else torch.float32
+    out = target.to(acc_dtype).clone()
+    for entry in group.non_base:
+        lam = params["lambda"][entry.id]
+        delta = entry.tensor.to(acc_dtype)
+        unaligned = params["unaligned"][entry.id]
+        if unaligned:
+            delta = delta - _load_reference_tensor(unaligned, name).to(device=delta.device, dtype=acc_dtype)
+        if not torch.isfinite(delta).all():
+            raise VectorError(f"{_entry_path(entry.id)}: tensor {name} contains NaN or Inf")
+        if lam != 0:
+            out.add_(delta, alpha=float(lam))
+    return out.to(target.dtype)
+
+
+def build_method() -> FunctionalGroupMergeMethod:
+    # Built by hand rather than with @merge_method because the paper's knob is named
+    # `lambda`, which cannot be a Python argument name.
+    spec = MergeMethodSpec(
+        name=METHOD_NAME,
+        pretty_name="MEAV (alignment vectors)",
+        reference_url="https://github.com/meav-merge/meav_merge",
+        parameters=(
+            ParameterSpec("lambda", float, ParameterScope.NON_BASE,
+                          description="signed coefficient of this entry's alignment vector"),
+            ParameterSpec("unaligned", str, ParameterScope.NON_BASE, default="",
+                          description="unaligned model a full aligned checkpoint is measured from"),
+            ParameterSpec("transfer", bool, ParameterScope.NON_BASE, default=False,
+                          description="allow a vector measured from a model other than the target"),
+        ),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+    )
+    return FunctionalGroupMergeMethod(spec, meav_kernel)
+
+
+def register(merge_methods_module=None) -> None:
+    """Add ``meav`` to mergekit's registry (idempotent)."""
+    from mergekit.merge_methods import registry
+
+    if METHOD_NAME not in {m.spec.name for m in registry.registered_methods()}:
+        registry.register(build_method())
+
+
+if "mergekit.merge_methods.registry" in sys.modules:
+    register()  # imported before mergekit.merge_methods finished: the import hook skipped it
+
+
+# --- recipe validation ----------------------------------------------------------------------
+def _iter_parameter_blocks(config) -> Iterable[Tuple[str, Optional[str], dict]]:
+    """(where, model path or None, parameters) for every parameters: block in a recipe."""
+    if config.parameters:
+        yield "parameters", None, config.parameters
+    for i, m in enumerate(config.models or []):
+        yield f"models[{i}] ({m.model.model.path})", m.model.model.path, m.parameters or {}
+    for si, s in enumerate(config.slices or []):
+        if s.parameters:
+            yield f"slices[{si}].parameters", None, s.parameters
+        for j, src in enumerate(s.sources):
+            yield f"slices[{si}].sources[{j}] ({src.model.model.path})", src.model.model.path, src.parameters or {}
+    for mname, mod in (config.modules or {}).items():
+        if mod.parameters:
+            yield f"modules.{mname}.parameters", None, mod.parameters
+        for i, m in enumerate(mod.models or []):
+            yield f"modules.{mname}.models[{i}] ({m.model.model.path})", m.model.model.path, m.parameters or {}
+
+
+def _scalar(value, where: str, key: str):
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    raise RecipeError(f"meav recipe: {where}: `{key}` must be a single value, not {value!r}")
+
+
+def _resolve(config, path: str, key: str, entry_params: dict, default=None):
+    """Entry value, else the recipe-wide value, as mergekit resolves precedence."""
+    for block in (entry_params, config.parameters or {}):
+        if key in block:
+            return block[key]
+    return default
+
+
+def validate_recipe(config) -> None:
+    """Check a parsed ``MergeConfiguration`` before mergekit plans anything."""
+    if config.base_model is None:
+        raise RecipeError("meav recipe: `base_model` (the target model θ_target) is required")
+    target = config.base_model.model.path
+    try:
+        Checkpoint(target)
+    except CheckpointError as e:
+        raise RecipeError(f"meav recipe: base_model: {e}") from None
+    seen = 0
+    for where, path, params in _iter_parameter_blocks(config):
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise RecipeError(
+                f"meav recipe: {where}: unknown parameter {', '.join(repr(u) for u in unknown)} "
+                f"(meav takes {', '.join(PARAMETERS)})")
+        if path is None or path == target:
+            continue
+        seen += 1
+        lam = _resolve(config, path, "lambda", params)
+        if lam is None:
+            raise RecipeError(f"meav recipe: {where}: missing `lambda` (the signed coefficient of this vector)")
+        transfer = bool(_scalar(_resolve(config, path, "transfer", params, False), where, "transfer"))
+        unaligned = _scalar(_resolve(config, path, "unaligned", params, ""), where, "unaligned")
+        if is_vector_dir(path):
+            if unaligned:
+                raise RecipeError(f"meav recipe: {where}: is an alignment vector; `unaligned` applies only "
+                                  "to full aligned checkpoints")
+            try:
+                check_vector_against(AlignmentVector.load(path), target, transfer=transfer, label=f"meav recipe: {where}")
+            except (VectorError, CheckpointError) as e:
+                raise RecipeError(str(e)) from None
+        elif unaligned:
+            _check_checkpoint_pair(where, path, unaligned, target, transfer)
+        else:
+            raise RecipeError(
+                f"meav recipe: {where}: is not an alignment vector (no meav_vector.json); for a full aligned "
+                "checkpoint add `unaligned: <path of the model it was trained from>`")
+    if seen == 0:
+        raise RecipeError("meav recipe: `models` lists no vector besides the base model")
+
+
+def _check_checkpoint_pair(where: str, aligned: str, unaligned: str, target: str, transfer: bool) -> None:
+    try:
+        a, u, t = Checkpoint(aligned), Checkpoint(unaligned), Checkpoint(target)
+    except CheckpointError as e:
+        raise RecipeError(f"meav recipe: {where}: {e}") from None
+    for other, label in ((u, f"unaligned {unaligned}"), (t, f"target {target}")):
+        for n in a.keys():
+            if n in other and a.shape(n) != other.shape(n):
+                raise RecipeError(f"meav recipe: {where}: tensor {n} has shape {a.shape(n)} but {label} has "
+                                  f"{other.shape(n)}")
+    if not transfer and Path(unaligned).resolve() != Path(target).resolve():
+        if fingerprint(unaligned) != fingerprint(target):
+            raise RecipeError(
+                f"meav recipe: {where}: unaligned model {unaligned} is not the target {target}; set "
+                "`transfer: true` on this entry to apply its alignment to a different model on purpose")

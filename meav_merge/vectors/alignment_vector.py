@@ -1,0 +1,283 @@
+"""Alignment vectors: AV = θ_aligned − θ_unaligned, stored as a model mergekit can read.
+
+A vector directory holds ``config.json`` (the base model's), the difference tensors
+as safetensors, and ``meav_vector.json`` with provenance. Preference Vectors
+(θ+ − θ−, from models trained on swapped preferences) are the same object.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from meav_merge.io.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_output_dir,
+    copy_model_files,
+    fingerprint,
+    write_safetensors,
+)
+
+META_NAME = "meav_vector.json"
+FORMAT_VERSION = 1
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+class VectorError(ValueError):
+    """A vector that cannot be used as asked; the message names the file or tensor."""
+
+
+def is_vector_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_NAME).is_file()
+
+
+class AlignmentVector:
+    """A named set of weight differences, loaded lazily from disk or held in memory.
+
+    Supports ``v1 + v2``, ``-v``, ``v1 - v2``, ``λ * v``, per-tensor and per-layer
+    norms, cosine similarity and ``apply_to(model, λ)``, as task_vectors.TaskVector
+    does for plain state dicts.
+    """
+
+    def __init__(self, tensors: Optional[Dict[str, torch.Tensor]] = None, meta: Optional[dict] = None,
+                 source: Optional[Checkpoint] = None):
+        self._tensors: Dict[str, torch.Tensor] = dict(tensors or {})
+        self._source = source
+        self.meta = dict(meta or {})
+
+    # --- loading -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AlignmentVector":
+        path = Path(path)
+        meta_file = path / META_NAME
+        if not meta_file.is_file():
+            raise VectorError(f"{path}: not an alignment vector (no {META_NAME})")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise VectorError(f"{meta_file}: invalid JSON ({e})") from None
+        return cls(meta=meta, source=Checkpoint(path))
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._source.path if self._source is not None else None
+
+    def keys(self) -> list[str]:
+        return self._source.keys() if self._source is not None else sorted(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.keys()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            if self._source is None:
+                raise KeyError(name)
+            self._tensors[name] = self._source.get(name)
+        return self._tensors[name]
+
+    def items(self) -> Iterable[Tuple[str, torch.Tensor]]:
+        for name in self.keys():
+            yield name, self[name]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._source.shape(name) if self._source is not None else tuple(self[name].shape)
+
+    # --- arithmetic --------------------------------------------------------------------
+    def _combine(self, other: "AlignmentVector", op: Callable) -> "AlignmentVector":
+        if set(self.keys()) != set(other.keys()):
+            missing = sorted(set(self.keys()) ^ set(other.keys()))[:3]
+            raise VectorError(f"vectors have different tensors (e.g. {missing})")
+        return AlignmentVector({n: op(t, other[n]) for n, t in self.items()}, meta={"derived": "combination"})
+
+    def __add__(self, other):
+        return self._combine(other, torch.add)
+
+    def __sub__(self, other):
+        return self._combine(other, torch.sub)
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __mul__(self, scale: float):
+        return AlignmentVector({n: t * float(scale) for n, t in self.items()},
+                               meta={**self.meta, "scaled_by": float(scale) * self.meta.get("scaled_by", 1.0)})
+
+    __rmul__ = __mul__
+
+    # --- diagnostics -------------------------------------------------------------------
+    def norms(self) -> Dict[str, float]:
+        return {n: float(t.double().norm()) for n, t in self.items()}
+
+    def layer_norms(self) -> Dict[str, float]:
+        """L2 norm per transformer layer; tensors outside layers are grouped as 'other'."""
+        sq: Dict[str, float] = {}
+        for n, t in self.items():
+            m = _LAYER_RE.search(n)
+            key = f"layer.{int(m.group(1)):03d}" if m else "other"
+            sq[key] = sq.get(key, 0.0) + float(t.double().pow(2).sum())
+        return {k: math.sqrt(v) for k, v in sorted(sq.items())}
+
+    def norm(self) -> float:
+        return math.sqrt(sum(v * v for v in self.norms().values()))
+
+    def cosine(self, other: "AlignmentVector") -> float:
+        dot = na = nb = 0.0
+        for n, a in self.items():
+            b = other[n].double()
+            a = a.double()
+            dot += float((a * b).sum())
+            na += float((a * a).sum())
+            nb += float((b * b).sum())
+        return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+
+    # --- applying ----------------------------------------------------------------------
+    def apply_to(self, model: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
+        return apply_vectors(model, [(self, scale)])
+
+    def save(self, out: str | os.PathLike, base_config_dir: str | os.PathLike, force: bool = False) -> Path:
+        with atomic_output_dir(out, force=force) as tmp:
+            write_safetensors(self.items(), tmp)
+            copy_model_files(base_config_dir, tmp, ["config.json"])
+            (tmp / META_NAME).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        return Path(out)
+
+
+def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise VectorError(f"{where}: tensor {name} contains NaN or Inf")
+
+
+def model_tensors(model: torch.nn.Module, required: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """The model's parameters and buffers by name; VectorError if one of ``required`` is missing."""
+    tensors = dict(model.named_parameters())
+    tensors.update({n: b for n, b in model.named_buffers() if n not in tensors})
+    missing = next((n for n in required if n not in tensors), None)
+    if missing is not None:
+        raise VectorError(f"model has no tensor named {missing} (vector/model architecture mismatch)")
+    return tensors
+
+
+def apply_vectors(model: torch.nn.Module, vectors: Sequence[Tuple[AlignmentVector, float]],
+                  base_state: Optional[Dict[str, torch.Tensor]] = None,
+                  names: Optional[Sequence[str]] = None) -> torch.nn.Module:
+    """θ = θ_target + Σ λ·v, in place on ``model``'s parameters (float32 math).
+
+    With ``base_state`` (θ_target of the touched tensors), the model is re-weighted
+    from it rather than accumulated onto its current weights; ``meav sweep`` uses
+    this to move between λ values without reloading. ``names`` limits the update to
+    those tensors (the ones the vectors actually change).
+    """
+    names = sorted(names) if names is not None else sorted({n for v, _ in vectors for n in v.keys()})
+    params = model_tensors(model, names)
+    with torch.no_grad():
+        for name in names:
+            p = params[name]
+            acc = (base_state[name] if base_state is not None else p.detach()).to(torch.float32).clone()
+            for v, lam in vectors:
+                if name in v.keys() and lam != 0:
+                    d = v[name]
+                    if tuple(d.shape) != tuple(p.shape):
+                        raise VectorError(f"tensor {name}: vector shape {tuple(d.shape)} != model shape {tuple(p.shape)}")
+                    acc.add_(d.to(torch.float32), alpha=float(lam))
+            p.copy_(acc.to(p.dtype))
+    return model
+
+
+def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike] = None,
+                   out: Optional[str | os.PathLike] = None, *, minus: Optional[str | os.PathLike] = None,
+                   dtype: torch.dtype = torch.float32, meta: Optional[dict] = None,
+                   force: bool = False) -> AlignmentVector:
+    """AV = aligned − base (or, for a Preference Vector, aligned(+) − minus(−)).
+
+    ``base`` is the unaligned model the vector will be applied to by default: its
+    fingerprint is recorded so a merge onto a different model is caught. For a
+    Preference Vector both ``minus`` and ``base`` may be given; ``base`` defaults to
+    ``minus``.
+    """
+    if minus is None and base is None:
+        raise VectorError("extract needs --base (alignment vector) or --minus (preference vector)")
+    reference = Path(minus if minus is not None else base)
+    base_for_meta = Path(base) if base is not None else reference
+    a, r = Checkpoint(aligned), Checkpoint(reference)
+    a_cfg, r_cfg = a.config(), r.config()
+    if a_cfg.get("architectures") != r_cfg.get("architectures"):
+        raise VectorError(f"{aligned}: architecture {a_cfg.get('architectures')} differs from "
+                          f"{reference}: {r_cfg.get('architectures')}")
+    missing = sorted(set(r.keys()) - set(a.keys()))
+    extra = sorted(set(a.keys()) - set(r.keys()))
+    if missing or extra:
+        raise VectorError(f"{aligned} and {reference} have different tensors "
+                          f"(missing {missing[:3]}, extra {extra[:3]})")
+    for n in a.keys():
+        if a.shape(n) != r.shape(n):
+            raise VectorError(f"tensor {n}: {aligned} has shape {a.shape(n)}, {reference} has {r.shape(n)}")
+
+    def diffs():
+        for n in tqdm(a.keys(), desc="extract", unit="tensor", leave=False):
+            ta, tr = a.get(n), r.get(n)
+            _check_finite(n, ta, str(aligned))
+            _check_finite(n, tr, str(reference))
+            if not ta.is_floating_point():
+                continue
+            yield n, (ta.to(torch.float64 if dtype == torch.float64 else torch.float32)
+                      - tr.to(torch.float64 if dtype == torch.float64 else torch.float32)).to(dtype)
+
+    info = {
+        "format": "meav_vector",
+        "format_version": FORMAT_VERSION,
+        "kind": "preference_vector" if minus is not None else "alignment_vector",
+        "architecture": (a_cfg.get("architectures") or ["?"])[0],
+        "model_type": a_cfg.get("model_type"),
+        "dtype": str(dtype).replace("torch.", ""),
+        "aligned": str(aligned),
+        "minus": str(minus) if minus is not None else None,
+        "base": str(base_for_meta),
+        "base_fingerprint": fingerprint(base_for_meta),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "domain": None,
+        "preference": None,
+        "training": None,
+    }
+    info.update(meta or {})
+    tensors = dict(diffs())
+    info["tensors"] = {n: list(t.shape) for n, t in tensors.items()}
+    vec = AlignmentVector(tensors, meta=info)
+    if out is not None:
+        vec.save(out, base_config_dir=base_for_meta, force=force)
+        return AlignmentVector.load(out)
+    return vec
+
+
+def check_vector_against(vec: AlignmentVector, target: str | os.PathLike, *, transfer: bool,
+                         label: str) -> None:
+    """Fail clearly if ``vec`` cannot be added to the checkpoint at ``target``."""
+    tgt = Checkpoint(target)
+    arch = (tgt.config().get("architectures") or ["?"])[0]
+    if vec.meta.get("architecture") not in (None, arch):
+        raise VectorError(f"{label}: vector architecture {vec.meta.get('architecture')} does not match "
+                          f"target {target} ({arch})")
+    for n in vec.keys():
+        if n not in tgt:
+            raise VectorError(f"{label}: tensor {n} is not in target {target}")
+        if tuple(vec.shape(n)) != tgt.shape(n):
+            raise VectorError(f"{label}: tensor {n} has shape {tuple(vec.shape(n))} but target {target} has {tgt.shape(n)}")
+    recorded = vec.meta.get("base_fingerprint")
+    if not transfer and recorded is not None:
+        actual = fingerprint(target)
+        if actual != recorded:
+            raise VectorError(
+                f"{label}: vector was extracted from a base with fingerprint {recorded}, but target {target} "
+                f"has {actual}; set `transfer: true` on this entry to apply it to a different model on purpose")
+
+
+__all__ = ["AlignmentVector", "apply_vectors", "extract_vector", "fingerprint", "is_vector_dir",
+           "check_vector_against", "VectorError", "CheckpointError", "META_NAME"]
