@@ -80,7 +80,52 @@ def _entry_path(entry_id: Any) -> str:
     return getattr(model, "path", str(entry_id))
 
 
+@functools.lru_cache(maxsize=32)
+def _vector(path: str) -> AlignmentVector:
+    return AlignmentVector.load(path)
+
+
+def _load_vector_tensor(task) -> Optional[torch.Tensor]:
+    """mergekit's LoadTensor for an alignment-vector directory.
+
+    A vector stores only the tensors that changed (and may keep a matrix as low-rank
+    factors), so a tensor it lacks is zero: None here, and the entry is left out of
+    the kernel's group. Read through ``AlignmentVector`` so factors come back as B @ A.
+    """
+    from mergekit.common import dtype_from_name
+
+    vec = _vector(task.model.model.path)
+    for name in [task.tensor, *(task.aliases or ()), *(task.tied_names or ())]:
+        if name in vec:
+            x = vec.read(name).to(task.device or "cpu")
+            if task.dtype and (dtype := dtype_from_name(task.dtype)) != x.dtype:
+                x = x.to(dtype=dtype)
+            return x
+    return None
+
+
+def _patch_load_tensor() -> None:
+    """Route LoadTensor for vector directories through ``_load_vector_tensor``; every
+    other model (the base included, where a missing tensor stays an error) is untouched."""
+    from mergekit.io.tasks import LoadTensor
+
+    original = LoadTensor.execute
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    def execute(self):
+        if self.model.lora is None and is_vector_dir(self.model.model.path):
+            return _load_vector_tensor(self)
+        return original(self)
+
+    execute._meav_wrapped = True
+    LoadTensor.execute = execute
+
+
 def meav_kernel(group: TensorGroup, /, **params: Any) -> torch.Tensor:
+    # Vectors that lack this tensor (sparse storage: unchanged = zero) are not in the group.
+    if group.base is None:
+        raise VectorError(f"tensor {group.metadata.name} is missing from the base model")
     target = group.base.tensor
     name = group.metadata.name
     wide = any(e.tensor.dtype == torch.float64 for e in group.entries)
@@ -114,7 +159,10 @@ def build_method() -> FunctionalGroupMergeMethod:
             ParameterSpec("transfer", bool, ParameterScope.NON_BASE, default=False,
                           description="allow a vector measured from a model other than the target"),
         ),
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        # No minimum of non-base inputs per tensor: where every vector lacks a tensor
+        # (sparse storage), the base passes through. validate_recipe demands at least
+        # one vector in the recipe.
+        contract=InputContract(base=BasePolicy.REQUIRED),
     )
     return FunctionalGroupMergeMethod(spec, meav_kernel)
 
@@ -125,6 +173,7 @@ def register(merge_methods_module=None) -> None:
 
     if METHOD_NAME not in {m.spec.name for m in registry.registered_methods()}:
         registry.register(build_method())
+    _patch_load_tensor()
 
 
 if "mergekit.merge_methods.registry" in sys.modules:

@@ -3,12 +3,19 @@
 A vector directory holds ``config.json`` (the base model's), the difference tensors
 as safetensors, and ``meav_vector.json`` with provenance. Preference Vectors
 (θ+ − θ−, from models trained on swapped preferences) are the same object.
+
+Only the tensors that changed are stored (format 2): a tensor absent from a vector
+is zero, so a vector of a model whose top 4 of 30 layers were trained holds those 4
+layers, not 26 layers of zeros. Old full-size vectors (format 1) load unchanged.
+A compressed vector (``meav compress``) keeps each factored matrix as ``B @ A`` in
+``lowrank.safetensors`` beside the dense tensors; reading it gives the product.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import re
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from meav_merge.io.checkpoint import (
@@ -28,7 +36,9 @@ from meav_merge.io.checkpoint import (
 )
 
 META_NAME = "meav_vector.json"
-FORMAT_VERSION = 1
+LOWRANK_NAME = "lowrank.safetensors"
+FORMAT_VERSION = 2
+logger = logging.getLogger(__name__)
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -52,6 +62,8 @@ class AlignmentVector:
                  source: Optional[Checkpoint] = None):
         self._tensors: Dict[str, torch.Tensor] = dict(tensors or {})
         self._source = source
+        self._lowrank = None  # safe_open handle of lowrank.safetensors, if any
+        self._factored: Dict[str, Tuple[int, ...]] = {}  # name -> full shape of a B @ A tensor
         self.meta = dict(meta or {})
 
     # --- loading -----------------------------------------------------------------------
@@ -65,38 +77,86 @@ class AlignmentVector:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
             raise VectorError(f"{meta_file}: invalid JSON ({e})") from None
-        return cls(meta=meta, source=Checkpoint(path))
+        vec = cls(meta=meta, source=Checkpoint(path))
+        if (path / LOWRANK_NAME).is_file():
+            vec._open_lowrank(path / LOWRANK_NAME)
+        return vec
+
+    def _open_lowrank(self, file: Path) -> None:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        names = {k[:-2] for k in handle.keys() if k.endswith((".A", ".B"))}
+        for n in names:
+            if f"{n}.A" not in handle.keys() or f"{n}.B" not in handle.keys():
+                raise VectorError(f"{file}: tensor {n} has only one of its factors {n}.A, {n}.B")
+            (_, cols), (rows, _) = (handle.get_slice(f"{n}.{f}").get_shape() for f in "AB")
+            self._factored[n] = (rows, cols)
+        dup = sorted(set(self._factored) & set(self._source.keys()))
+        if dup:
+            raise VectorError(f"{file}: tensor {dup[0]} is stored both dense and factored")
+        self._lowrank = handle
 
     @property
     def path(self) -> Optional[Path]:
         return self._source.path if self._source is not None else None
 
     def keys(self) -> list[str]:
-        return self._source.keys() if self._source is not None else sorted(self._tensors)
+        """The tensors this vector changes; every other tensor of the model is zero."""
+        if self._source is None:
+            return sorted(self._tensors)
+        return sorted(set(self._source.keys()) | set(self._factored))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.keys()
+        if self._source is None:
+            return name in self._tensors
+        return name in self._source or name in self._factored
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._tensors:
             if self._source is None:
                 raise KeyError(name)
-            self._tensors[name] = self._source.get(name)
+            self._tensors[name] = self.read(name)
         return self._tensors[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The dense tensor from disk, not kept in memory (B @ A in float32 when factored)."""
+        if name in self._tensors:
+            return self._tensors[name]
+        if name in self._factored:
+            b, a = self.factors(name)
+            return b.to(torch.float32) @ a.to(torch.float32)
+        if self._source is None:
+            raise KeyError(name)
+        return self._source.get(name)
+
+    def factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(B [out, r], A [r, in]) of a factored tensor, else None (the tensor is dense)."""
+        if name not in self._factored:
+            return None
+        return self._lowrank.get_tensor(f"{name}.B"), self._lowrank.get_tensor(f"{name}.A")
+
+    def factored(self) -> list[str]:
+        return sorted(self._factored)
 
     def items(self) -> Iterable[Tuple[str, torch.Tensor]]:
         for name in self.keys():
             yield name, self[name]
 
     def shape(self, name: str) -> Tuple[int, ...]:
+        if name in self._factored:
+            return self._factored[name]
         return self._source.shape(name) if self._source is not None else tuple(self[name].shape)
 
     # --- arithmetic --------------------------------------------------------------------
     def _combine(self, other: "AlignmentVector", op: Callable) -> "AlignmentVector":
-        if set(self.keys()) != set(other.keys()):
-            missing = sorted(set(self.keys()) ^ set(other.keys()))[:3]
-            raise VectorError(f"vectors have different tensors (e.g. {missing})")
-        return AlignmentVector({n: op(t, other[n]) for n, t in self.items()}, meta={"derived": "combination"})
+        # A tensor absent from one side is zero there (sparse storage).
+        out = {}
+        for n in sorted(set(self.keys()) | set(other.keys())):
+            a = self[n] if n in self else None
+            b = other[n] if n in other else None
+            if a is not None and b is not None and a.shape != b.shape:
+                raise VectorError(f"tensor {n}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+            out[n] = op(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a))
+        return AlignmentVector(out, meta={"derived": "combination"})
 
     def __add__(self, other):
         return self._combine(other, torch.add)
@@ -130,13 +190,11 @@ class AlignmentVector:
         return math.sqrt(sum(v * v for v in self.norms().values()))
 
     def cosine(self, other: "AlignmentVector") -> float:
-        dot = na = nb = 0.0
+        dot = 0.0
         for n, a in self.items():
-            b = other[n].double()
-            a = a.double()
-            dot += float((a * b).sum())
-            na += float((a * a).sum())
-            nb += float((b * b).sum())
+            if n in other:
+                dot += float((a.double() * other[n].double()).sum())
+        na, nb = self.norm() ** 2, other.norm() ** 2
         return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
     # --- applying ----------------------------------------------------------------------
@@ -221,15 +279,21 @@ def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike]
         if a.shape(n) != r.shape(n):
             raise VectorError(f"tensor {n}: {aligned} has shape {a.shape(n)}, {reference} has {r.shape(n)}")
 
+    unchanged = []
+
     def diffs():
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
         for n in tqdm(a.keys(), desc="extract", unit="tensor", leave=False):
             ta, tr = a.get(n), r.get(n)
             _check_finite(n, ta, str(aligned))
             _check_finite(n, tr, str(reference))
             if not ta.is_floating_point():
                 continue
-            yield n, (ta.to(torch.float64 if dtype == torch.float64 else torch.float32)
-                      - tr.to(torch.float64 if dtype == torch.float64 else torch.float32)).to(dtype)
+            d = (ta.to(wide) - tr.to(wide)).to(dtype)
+            if not bool(d.any()):  # exactly unchanged: absent from the vector, read as zero
+                unchanged.append(n)
+                continue
+            yield n, d
 
     info = {
         "format": "meav_vector",
@@ -250,6 +314,10 @@ def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike]
     info.update(meta or {})
     tensors = dict(diffs())
     info["tensors"] = {n: list(t.shape) for n, t in tensors.items()}
+    info["storage"] = "sparse"
+    info["unchanged_tensors"] = len(unchanged)
+    if not tensors:
+        logger.warning("%s: no tensor differs from %s; the vector is zero", aligned, reference)
     vec = AlignmentVector(tensors, meta=info)
     if out is not None:
         vec.save(out, base_config_dir=base_for_meta, force=force)
@@ -280,4 +348,4 @@ def check_vector_against(vec: AlignmentVector, target: str | os.PathLike, *, tra
 
 
 __all__ = ["AlignmentVector", "apply_vectors", "extract_vector", "fingerprint", "is_vector_dir",
-           "check_vector_against", "VectorError", "CheckpointError", "META_NAME"]
+           "check_vector_against", "VectorError", "CheckpointError", "META_NAME", "LOWRANK_NAME"]
