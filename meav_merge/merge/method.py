@@ -37,6 +37,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from meav_merge.coefficients import CoefficientError, check_bool, check_number, check_string
 from meav_merge.io.checkpoint import Checkpoint, CheckpointError, fingerprint
 from meav_merge.vectors.alignment_vector import AlignmentVector, VectorError, check_vector_against, is_vector_dir
 
@@ -181,28 +182,54 @@ if "mergekit.merge_methods.registry" in sys.modules:
 
 
 # --- recipe validation ----------------------------------------------------------------------
-def _iter_parameter_blocks(config) -> Iterable[Tuple[str, Optional[str], dict]]:
+def iter_parameter_blocks(config) -> Iterable[Tuple[str, Optional[str], dict]]:
     """(where, model path or None, parameters) for every parameters: block in a recipe."""
     if config.parameters:
         yield "parameters", None, config.parameters
     for i, m in enumerate(config.models or []):
         yield f"models[{i}] ({m.model.model.path})", m.model.model.path, m.parameters or {}
-    for si, s in enumerate(config.slices or []):
-        if s.parameters:
-            yield f"slices[{si}].parameters", None, s.parameters
-        for j, src in enumerate(s.sources):
-            yield f"slices[{si}].sources[{j}] ({src.model.model.path})", src.model.model.path, src.parameters or {}
+    slices = [(f"slices[{si}]", s) for si, s in enumerate(config.slices or [])]
     for mname, mod in (config.modules or {}).items():
         if mod.parameters:
             yield f"modules.{mname}.parameters", None, mod.parameters
         for i, m in enumerate(mod.models or []):
             yield f"modules.{mname}.models[{i}] ({m.model.model.path})", m.model.model.path, m.parameters or {}
+        slices += [(f"modules.{mname}.slices[{si}]", s) for si, s in enumerate(mod.slices or [])]
+    for label, s in slices:
+        if s.parameters:
+            yield f"{label}.parameters", None, s.parameters
+        for j, src in enumerate(s.sources):
+            yield f"{label}.sources[{j}] ({src.model.model.path})", src.model.model.path, src.parameters or {}
+
+
+def setting_leaves(setting) -> Iterable[Any]:
+    """Every scalar of a mergekit parameter setting: a value, a gradient list, or
+    ``{filter, value}`` conditions (each of which may hold a gradient)."""
+    for item in setting if isinstance(setting, list) else [setting]:
+        value = getattr(item, "value", item)  # ConditionalParameter
+        yield from value if isinstance(value, list) else [value]
 
 
 def _scalar(value, where: str, key: str):
     if isinstance(value, (str, bool, int, float)):
         return value
     raise RecipeError(f"meav recipe: {where}: `{key}` must be a single value, not {value!r}")
+
+
+def _check_types(where: str, params: dict) -> None:
+    """lambda: finite numbers (gradients and filters allowed); transfer: a real boolean; unaligned: a path."""
+    try:
+        for key, setting in params.items():
+            label = f"meav recipe: {where}: `{key}`"
+            if key == "lambda":
+                for leaf in setting_leaves(setting):
+                    check_number(leaf, label)
+            elif key == "transfer":
+                check_bool(_scalar(setting, where, key), label)
+            elif key == "unaligned":
+                check_string(_scalar(setting, where, key), label)
+    except CoefficientError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _resolve(config, path: str, key: str, entry_params: dict, default=None):
@@ -219,32 +246,31 @@ def validate_recipe(config) -> None:
         raise RecipeError("meav recipe: `base_model` (the target model θ_target) is required")
     target = config.base_model.model.path
     try:
-        Checkpoint(target)
+        Checkpoint(target).verify()
     except CheckpointError as e:
         raise RecipeError(f"meav recipe: base_model: {e}") from None
     seen = 0
-    for where, path, params in _iter_parameter_blocks(config):
+    for where, path, params in iter_parameter_blocks(config):
         unknown = sorted(set(params) - set(PARAMETERS))
         if unknown:
             raise RecipeError(
                 f"meav recipe: {where}: unknown parameter {', '.join(repr(u) for u in unknown)} "
                 f"(meav takes {', '.join(PARAMETERS)})")
+        _check_types(where, params)
         if path is None or path == target:
             continue
         seen += 1
-        lam = _resolve(config, path, "lambda", params)
-        if lam is None:
+        if _resolve(config, path, "lambda", params) is None:
             raise RecipeError(f"meav recipe: {where}: missing `lambda` (the signed coefficient of this vector)")
-        transfer = bool(_scalar(_resolve(config, path, "transfer", params, False), where, "transfer"))
-        unaligned = _scalar(_resolve(config, path, "unaligned", params, ""), where, "unaligned")
+        transfer = _resolve(config, path, "transfer", params, False)
+        unaligned = _resolve(config, path, "unaligned", params, "")
+        if not Path(path).exists():
+            raise RecipeError(f"meav recipe: {where}: no such directory")
         if is_vector_dir(path):
             if unaligned:
                 raise RecipeError(f"meav recipe: {where}: is an alignment vector; `unaligned` applies only "
                                   "to full aligned checkpoints")
-            try:
-                check_vector_against(AlignmentVector.load(path), target, transfer=transfer, label=f"meav recipe: {where}")
-            except (VectorError, CheckpointError) as e:
-                raise RecipeError(str(e)) from None
+            _check_vector(where, path, target, transfer)
         elif unaligned:
             _check_checkpoint_pair(where, path, unaligned, target, transfer)
         else:
@@ -255,9 +281,28 @@ def validate_recipe(config) -> None:
         raise RecipeError("meav recipe: `models` lists no vector besides the base model")
 
 
+def _check_vector(where: str, path: str, target: str, transfer: bool) -> None:
+    """The vector's files hold every tensor its metadata lists, and it fits the target."""
+    label = f"meav recipe: {where}"
+    try:
+        Checkpoint(path).verify()
+        vec = AlignmentVector.load(path)
+        listed = vec.meta.get("tensors")
+        if isinstance(listed, dict):
+            missing = sorted(set(listed) - set(vec.keys()))
+            if missing:
+                raise RecipeError(f"{label}: meav_vector.json lists tensor {missing[0]}, which the vector's "
+                                  f"files lack ({len(missing)} missing); re-extract the vector")
+        check_vector_against(vec, target, transfer=transfer, label=label)
+    except (VectorError, CheckpointError) as e:
+        raise RecipeError(e if str(e).startswith(label) else f"{label}: {e}") from None
+
+
 def _check_checkpoint_pair(where: str, aligned: str, unaligned: str, target: str, transfer: bool) -> None:
     try:
         a, u, t = Checkpoint(aligned), Checkpoint(unaligned), Checkpoint(target)
+        a.verify()
+        u.verify()
     except CheckpointError as e:
         raise RecipeError(f"meav recipe: {where}: {e}") from None
     for other, label in ((u, f"unaligned {unaligned}"), (t, f"target {target}")):
