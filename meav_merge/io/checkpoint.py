@@ -2,7 +2,10 @@
 
 Only safetensors are ever read (never pickle). Outputs are written into a temporary
 sibling directory and renamed into place at the end, so a crash or a bad input never
-leaves a half-written output, and an existing output is kept unless ``force``.
+leaves a half-written output, and an existing output is kept unless ``force``. ``force``
+never replaces a directory that holds an input or the current directory. SIGTERM
+removes the temporary directory as SIGINT does; one left by a killed process (SIGKILL)
+is named after its process id and removed by the next run into the same output.
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Tuple
 
@@ -22,10 +30,24 @@ from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used; the message names the path."""
+
+
+PICKLE_ADVICE = ("pickle files can run code when loaded, so only safetensors are read; convert a model you trust "
+                 "with: python -c \"from transformers import AutoModelForCausalLM as M; "
+                 "M.from_pretrained('{dir}').save_pretrained('{dir}-safetensors')\"")
+
+
+def pickle_files(path: str | os.PathLike) -> list[str]:
+    """Names of pickle weight files in a model directory that has no safetensors."""
+    path = Path(path)
+    if any(path.glob("*.safetensors")):
+        return []
+    return sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
 
 
 class Checkpoint:
@@ -34,21 +56,34 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: not a directory")
+            raise CheckpointError(f"{self.path}: " + ("not a directory" if self.path.exists() else "no such directory"))
         index = self.path / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: self.path / fn for name, fn in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._files = {name: self.path / fn for name, fn in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from None
         elif (self.path / SINGLE_NAME).is_file():
             self._files = None  # filled from the header below
         else:
-            pickles = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
-            hint = f" (found {', '.join(pickles)}: only safetensors are read, convert them first)" if pickles else ""
+            pickles = pickle_files(self.path)
+            hint = f" (found {', '.join(pickles)}: {PICKLE_ADVICE.format(dir=self.path)})" if pickles else ""
             raise CheckpointError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
         self._handles: Dict[Path, object] = {}
         if self._files is None:
             single = self.path / SINGLE_NAME
             self._files = {name: single for name in self._open(single).keys()}
+
+    def verify(self) -> None:
+        """Every tensor the index lists is in the file it names (headers only, no tensor data)."""
+        for file in sorted(set(self._files.values())):
+            if not file.is_file():
+                raise CheckpointError(f"{self.path}: {INDEX_NAME} names {file.name}, which does not exist")
+        present = {file: set(self._open(file).keys()) for file in set(self._files.values())}
+        for name, file in self._files.items():
+            if name not in present[file]:
+                raise CheckpointError(f"{self.path}: {INDEX_NAME} lists tensor {name} but {file.name} lacks it")
 
     def _open(self, file: Path):
         if file not in self._handles:
@@ -148,22 +183,120 @@ def write_safetensors(
     return names
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``out`` only on success."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-(?P<host>[A-Za-z0-9]*)-")
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+
+
+def _owner_alive(pid: int) -> bool:
     try:
-        yield tmp
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Temp dirs of earlier runs into ``out`` whose process is gone (SIGKILL, power loss)."""
+    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    for d in out.parent.iterdir():
+        if not d.name.startswith(prefixes) or not d.is_dir() or d.is_symlink():
+            continue
+        m = _TMP_RE.match(d.name)
+        if m and m["name"] == out.name:
+            if m["host"] == _HOST and not _owner_alive(int(m["pid"])):
+                shutil.rmtree(d, ignore_errors=True)
+                log.warning("removed %s, left by an interrupted run (process %s)", d, m["pid"])
+        else:
+            log.warning("%s looks left by an interrupted run; remove it if nothing is writing %s", d, out)
+
+
+def check_output_dir(out: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output that cannot be written safely, before any work is done.
+
+    An existing ``out`` needs ``force``; even then it may not be the current directory
+    (or hold it), nor hold any of ``inputs``: replacing it would delete them.
+    """
+    if not str(out).strip():
+        raise ValueError("output path is empty")
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not force:
+        raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise ValueError(f"{out}: is the current directory or holds it; --force will not replace it")
+    for inp in inputs:
+        if not str(inp).strip():
+            continue
+        p = Path(inp).resolve()
+        if p == real or real in p.parents:
+            raise ValueError(f"{out}: holds the input {inp}; --force will not replace it (choose another output)")
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """SIGTERM unwinds like SIGINT, so the ``except`` below removes the temp dir."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_modes(root: Path) -> None:
+    """mkdtemp makes 0700; give the output the modes any other file here gets (0755/0644 under umask 022)."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            fp = os.path.join(dirpath, f)
+            if not os.path.islink(fp):
+                os.chmod(fp, (0o777 if os.stat(fp).st_mode & 0o100 else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``out`` only on success."""
+    out = check_output_dir(out, force=force, inputs=inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    # pid and host in the name: a later run can tell a dead run's leftovers from a live one's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-{_HOST}-", dir=out.parent))
+    try:
+        with _sigterm_cleans_up():
+            yield tmp
+        _publish_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-{_HOST}-", dir=out.parent))
+        os.replace(out, old / "x")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:

@@ -67,7 +67,17 @@ def _provenance(path: str) -> dict:
 def _fmt(value) -> str:
     if value is None or value == "":
         return "–"
-    return str(value).replace("|", "\\|")
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-")
+
+
+def output_name(name: Optional[str]) -> str:
+    """The output's name: mergekit passes the directory it writes, which for ``meav merge``
+    is the hidden temp sibling ``.OUT.tmp-...`` that is renamed to OUT at the end."""
+    m = _TEMP_NAME.match(name or "")
+    return (m["name"] if m else name) or "meav-merge"
 
 
 def merge_card(config, config_yaml: Optional[str] = None, name: Optional[str] = None, **_ignored) -> str:
@@ -79,7 +89,7 @@ def merge_card(config, config_yaml: Optional[str] = None, name: Optional[str] = 
         config = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
     else:
         config_yaml = config.to_yaml()
-    name = name or "meav-merge"
+    name = output_name(name)
     base = config.base_model.model.path if config.base_model else "?"
     entries = _entries(config)
     metas = [(_provenance(p), p, params) for p, params in entries]
