@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from meav_merge.data.schema import DataError
+from meav_merge.data.schema import DataError, dumps_line, jsonl_lines
 
 
 class AppendOnlyJsonl:
@@ -51,10 +51,10 @@ class AppendOnlyJsonl:
             return []
         found = []
         try:
-            text = self.path.read_text(encoding="utf-8")
+            lines = jsonl_lines(self.path.read_bytes())  # "\n" only: answers may hold U+2028
         except UnicodeDecodeError as e:
             raise DataError(f"{self.path}: not UTF-8 ({e.reason})") from None
-        for ln, line in enumerate(text.splitlines(), 1):
+        for ln, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -72,7 +72,7 @@ class AppendOnlyJsonl:
         return found
 
     def append(self, obj: dict) -> None:
-        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (dumps_line(obj) + "\n").encode("utf-8")
         with self._lock:
             view = memoryview(line)
             while view:  # os.write may write less than asked

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ class Record:
     persona: str = ""
     split: str = ""
     source: str = ""  # "file:line", for messages
+    # The object as read: every field (known or not) with its exact text, so rewriting
+    # a user's file (`meav data split --write`) changes only `split`.
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def levels(self) -> Tuple[str, ...]:
@@ -64,6 +68,11 @@ class Record:
         return [(lv[i], lv[i + 1]) for i in range(len(lv) - 1)]
 
     def to_json(self) -> dict:
+        if self.raw:
+            out = dict(self.raw)
+            if self.split:
+                out["split"] = self.split
+            return out
         out = {"id": self.id, "domain": self.domain}
         if self.persona:
             out["persona"] = self.persona
@@ -119,11 +128,50 @@ def parse_record(obj, source: str, known_domains: Optional[Dict[str, Tuple[str, 
             if _normalize(texts[i]) == _normalize(texts[j]):
                 raise DataError(f"{source}: levels '{levels[i]}' and '{levels[j]}' have identical text")
     return Record(id=obj["id"], domain=domain, query=obj["query"].strip(), responses=responses,
-                  persona=(obj.get("persona") or "").strip(), split=split, source=source)
+                  persona=(obj.get("persona") or "").strip(), split=split, source=source, raw=obj)
 
 
 def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def jsonl_lines(data: bytes) -> List[str]:
+    """A JSONL file's lines: UTF-8, split at "\\n" only (a leading BOM is ignored).
+
+    Not ``str.splitlines``, which also splits at U+2028, U+0085, \\x1c and more, all of
+    which JSON allows raw inside strings; not text-mode reading either, which turns a
+    lone "\\r" (JSON whitespace) into a line break.
+    """
+    text = data.decode("utf-8")
+    return text[1:].split("\n") if text.startswith("\ufeff") else text.split("\n")
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key '{key}'")  # json keeps the last one: the first would be lost
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_line(line: str):
+    """One JSONL line as strict JSON: no NaN/Infinity, no repeated keys."""
+    return json.loads(line, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def dumps_line(obj) -> str:
+    """One JSONL line (no "\\n" inside, any Unicode kept as is); a lone surrogate, which
+    UTF-8 cannot hold, is written as its \\u escape, so the line reads back equal."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    return _SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
 
 
 def iter_jsonl(path: str | os.PathLike, error: type = None, strict: bool = True):
@@ -136,18 +184,19 @@ def iter_jsonl(path: str | os.PathLike, error: type = None, strict: bool = True)
     error = error or DataError
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(path.read_bytes())
     except OSError as e:
         raise error(f"{path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 ({e.reason})") from None
+        raise error(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     for ln, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line.strip(" \t\r"):  # JSON's whitespace only
             continue
         try:
-            yield ln, json.loads(line), None
-        except json.JSONDecodeError as e:
-            msg = f"{path}:{ln}: invalid JSON ({e.msg} at column {e.colno})"
+            yield ln, loads_line(line), None
+        except ValueError as e:
+            detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            msg = f"{path}:{ln}: invalid JSON ({detail})"
             if strict:
                 raise error(msg) from None
             yield ln, None, msg
@@ -329,9 +378,16 @@ def validate_file(path: str | os.PathLike) -> FileReport:
 
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
+    """Write records (all their fields, exact text) through a temp file; keeps the file's mode."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for r in records:
+                f.write(dumps_line(r.to_json()) + "\n")
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
