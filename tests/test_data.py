@@ -82,8 +82,13 @@ def test_splits_are_deterministic_and_order_independent(tmp_path):
     assign_splits(shuffled)
     assert {r.id: r.split for r in shuffled} == stored
     # a user file without splits gets the same rule on load; mixing is an error
-    plain = [{k: v for k, v in GOOD.items() if k != "split"} | {"id": f"x{i}"} for i in range(10)]
-    assert {r.split for r in read_jsonl(_write(tmp_path, plain))} == {"train", "test", "validation"}
+    plain = [{k: v for k, v in GOOD.items() if k != "split"} | {"id": f"x{i}"} for i in range(40)]
+    first = {r.id: r.split for r in read_jsonl(_write(tmp_path, plain))}
+    assert set(first.values()) == {"train", "test", "validation"}
+    # growing the file never moves a record to another split (no test query leaks into training)
+    grown = {r.id: r.split for r in read_jsonl(_write(tmp_path, plain + [{**plain[0], "id": f"z{i}"} for i in range(50)],
+                                                      "grown.jsonl"))}
+    assert {k: grown[k] for k in first} == first
     mixed = plain[:5] + [{**GOOD, "id": "y"}]
     with pytest.raises(DataError, match=r"f2.jsonl:1: missing field 'split'"):
         read_jsonl(_write(tmp_path, mixed, "f2.jsonl"))

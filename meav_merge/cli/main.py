@@ -110,7 +110,8 @@ def _cmd_train(args) -> None:
                                                          else int(args.trainable_layers))
     cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
                           per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-                          trainable_layers=layers, seed=args.seed)
+                          trainable_layers=layers, seed=args.seed, retain_records=args.retain_records,
+                          sft_weight=args.sft_weight)
     domains = [d.strip() for d in args.domain.split(",") if d.strip()] if args.domain else [None]
     if args.check and args.joint:
         raise ValueError("--check applies to --domain runs (a joint model has no single λ axis)")
@@ -213,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retain-records", type=int, default=0,
+                   help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
+                        "holds those domains where the base model has them (default: %(default)s)")
+    p.add_argument("--sft-weight", type=float, default=0.0,
+                   help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
     p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS",
                    help="after training, sweep the test split at these λ and check that some λ>0 makes the "
                         "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "

@@ -7,7 +7,7 @@ Helpfulness:  {"id", "domain": "helpfulness", "query", "helpful", "unhelpful", "
 
 Levels are listed best first; DPO pairs are adjacent levels (expert ≻ generic,
 generic ≻ avoidance; safe ≻ unsafe). ``split`` is train / validation / test, fixed
-and stored with the data (80% train, 20% test, 3% of train held for validation);
+and stored with the data (about 22% test, 12% validation, the rest train; see split_of);
 files without it get the same deterministic assignment on load.
 """
 
@@ -32,8 +32,11 @@ DOMAIN_LEVELS: Dict[str, Tuple[str, ...]] = {
     "helpfulness": ("helpful", "unhelpful"),
 }
 SPLITS = ("train", "validation", "test")
-TEST_FRACTION = 0.20
-VALIDATION_FRACTION = 0.03  # of the train part, as in the paper
+# Of all records, in expectation. Larger than the paper's 20% / 3%-of-train so that 400
+# records per domain give >= 80 test and >= 40 validation queries: fractions on 4
+# validation queries moved in steps of 0.25 and could not be told from noise.
+TEST_FRACTION = 0.22
+VALIDATION_FRACTION = 0.12
 DOMAIN_FILES = {d: f"{d}.jsonl" for d in DOMAIN_LEVELS}
 
 
@@ -87,17 +90,21 @@ def _split_key(record_id: str) -> str:
     return hashlib.sha256(record_id.encode()).hexdigest()
 
 
+def split_of(record_id: str) -> str:
+    """The split a record belongs to, from its id alone.
+
+    A threshold on the id's hash (not a rank among the file's records) keeps every
+    record's split fixed when records are added, so growing a dataset never moves a
+    test query into training.
+    """
+    u = int(_split_key(record_id)[:12], 16) / 16 ** 12
+    return "test" if u < TEST_FRACTION else "validation" if u < TEST_FRACTION + VALIDATION_FRACTION else "train"
+
+
 def assign_splits(records: Sequence[Record]) -> None:
-    """Deterministic per-domain split by the hash of each id (order-independent)."""
-    by_domain: Dict[str, List[Record]] = defaultdict(list)
+    """Deterministic split by the hash of each id (order-independent, stable under additions)."""
     for r in records:
-        by_domain[r.domain].append(r)
-    for group in by_domain.values():
-        ordered = sorted(group, key=lambda r: _split_key(r.id))
-        n_test = round(len(ordered) * TEST_FRACTION)
-        n_val = max(1, round((len(ordered) - n_test) * VALIDATION_FRACTION)) if len(ordered) > n_test + 1 else 0
-        for i, r in enumerate(ordered):
-            r.split = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+        r.split = split_of(r.id)
 
 
 def parse_record(obj, source: str, known_domains: Optional[Dict[str, Tuple[str, ...]]] = None) -> Record:

@@ -57,6 +57,14 @@ class MeavTrainConfig:
     warmup_ratio: Optional[float] = None
     precision: Optional[str] = None  # fp32 | bf16 | auto (bf16 only on a GPU that supports it)
     frozen_trunk: bool = True  # compute the frozen lower layers once per sequence (see trunk.py)
+    # Domain-specific vectors: IPO's squared loss (Δ − 1/2β)² on a pair given in both orders
+    # sums to 2Δ² + const, i.e. IPO with target margin 0. Such "retain" pairs from the other
+    # proficiency domains hold their level margins where the base model has them, so the
+    # vector learns this domain's preference without spilling onto the others.
+    retain_records: int = 0  # train records per other proficiency domain used as retain pairs
+    # An NLL term on the chosen responses (RPO; trl's loss_type "sft"): anchors their
+    # likelihood, so the vector does not move probability mass onto text in neither response.
+    sft_weight: float = 0.0
     seed: int = 0
     save_steps: int = 20
     logging_steps: int = 5
@@ -81,9 +89,11 @@ class MeavTrainConfig:
 
         bf16 = self.precision == "bf16" or (self.precision == "auto" and torch.cuda.is_available()
                                              and torch.cuda.is_bf16_supported())
+        losses = [self.loss_type] + (["sft"] if self.sft_weight else [])
         return DPOConfig(
             output_dir=output_dir,
-            loss_type=[self.loss_type],
+            loss_type=losses,
+            loss_weights=[1.0, self.sft_weight] if self.sft_weight else None,
             beta=self.beta,
             num_train_epochs=self.num_train_epochs,
             learning_rate=self.learning_rate,
@@ -141,6 +151,23 @@ def pair_rows(records: Sequence[Record], swap: bool = False, targets: Optional[D
                 "chosen": [{"role": "assistant", "content": r.responses[chosen]}],
                 "rejected": [{"role": "assistant", "content": r.responses[rejected]}],
             })
+    return rows
+
+
+def retain_rows(data: str | os.PathLike, domain: str, n: int) -> List[dict]:
+    """Both orders of every adjacent-level pair of ``n`` train records from each other proficiency domain."""
+    from meav_merge.data.schema import DOMAIN_LEVELS, PROFICIENCY_LEVELS, _split_key
+
+    rows = []
+    for other, levels in DOMAIN_LEVELS.items():
+        if other == domain or levels != PROFICIENCY_LEVELS:
+            continue
+        try:
+            records = load_records(data, other, "train")
+        except (DataError, FileNotFoundError):
+            continue  # a data folder without this domain: nothing to hold
+        picked = sorted(records, key=lambda r: _split_key(r.id))[:n]
+        rows += pair_rows(picked) + pair_rows(picked, swap=True)
     return rows
 
 
@@ -286,6 +313,11 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
     train = [r for d in domains for r in load_records(data, d, "train")]
     val = [r for d in domains for r in load_records(data, d, "validation")]
     train_rows, val_rows = pair_rows(train, targets=joint), pair_rows(val, targets=joint)
+    n_retain = 0
+    if domain and config.retain_records:
+        extra = retain_rows(data, domain, config.retain_records)
+        n_retain = len(extra)
+        train_rows += extra
 
     work = out.with_name(out.name + ".partial")
     provenance = {
@@ -299,7 +331,8 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
             "train_scope": "all" if config.trainable_layers is None else f"top {config.trainable_layers} layers + final norm",
             "data": {"files": [str(f) for f in files], "file_sha256": file_sha256(files),
                      "train_records": len(train), "validation_records": len(val),
-                     "train_pairs": len(train_rows), "validation_pairs": len(val_rows)},
+                     "train_pairs": len(train_rows) - n_retain, "retain_pairs": n_retain,
+                     "validation_pairs": len(val_rows)},
             "base": str(base),
         },
     }
