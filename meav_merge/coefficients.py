@@ -59,6 +59,14 @@ def parse_number(text: str, key: str, *, integer: bool = False, minimum: Optiona
     return value
 
 
+def _without_key(message: str, key: str) -> str:
+    """argparse puts 'argument KEY: ' in front itself."""
+    for prefix in (key + ": ", key + " "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
 def number_arg(key: str, *, integer: bool = False, minimum: Optional[float] = None,
                positive: bool = False) -> Callable[[str], float | int]:
     """An argparse ``type=``: argparse prints 'argument KEY: ...' on one line and exits 2."""
@@ -67,7 +75,7 @@ def number_arg(key: str, *, integer: bool = False, minimum: Optional[float] = No
         try:
             return parse_number(text, key, integer=integer, minimum=minimum, positive=positive)
         except CoefficientError as e:
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+            raise argparse.ArgumentTypeError(_without_key(str(e), key)) from None
 
     parse.__name__ = "integer" if integer else "number"
     return parse
@@ -101,6 +109,19 @@ def parse_lambdas(spec: str, key: str = "--lambdas") -> List[float]:
     if not all(math.isfinite(v) for v in values):  # start + i·step can overflow near the float limit
         raise CoefficientError(f"{key}: {spec!r} reaches a non-finite value")
     return values
+
+
+def lambdas_arg(key: str = "--lambdas") -> Callable[[str], List[float]]:
+    """An argparse ``type=`` for a λ list or range, checked when the command line is read."""
+
+    def parse(text: str) -> List[float]:
+        try:
+            return parse_lambdas(text, key)
+        except CoefficientError as e:
+            raise argparse.ArgumentTypeError(_without_key(str(e), key)) from None
+
+    parse.__name__ = "lambdas"
+    return parse
 
 
 def check_bool(value: Any, key: str) -> bool:

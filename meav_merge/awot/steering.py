@@ -87,10 +87,16 @@ class AWOTConfig:
         if self.state == "pre_norm" and self.method == "closed_form":
             raise AWOTConfigError("state 'pre_norm' requires method 'iterative': through the final norm φ is not "
                                   "linear, so the closed form would not be the same update")
-        if not (isinstance(self.steps, int) and self.steps >= 0):
-            raise AWOTConfigError(f"steps must be a non-negative integer, not {self.steps!r}")
-        if self.alpha < 0 or self.penalty < 0:
-            raise AWOTConfigError("alpha and penalty must be non-negative")
+        from meav_merge.coefficients import CoefficientError, check_number
+
+        try:  # NaN passes every comparison below and steers nothing, silently
+            check_number(self.steps, "steps", integer=True, minimum=0)
+            check_number(self.alpha, "alpha", minimum=0)
+            check_number(self.penalty, "penalty", minimum=0)
+        except CoefficientError as e:
+            raise AWOTConfigError(str(e)) from None
+        if not isinstance(self.steps, int):
+            raise AWOTConfigError(f"steps must be an integer, not {self.steps!r}")
         if self.alpha * self.penalty > 1:
             # |1 − 2αλ| > 1: each step overshoots the penalized optimum by more than it corrects.
             raise AWOTConfigError(f"alpha·penalty = {self.alpha * self.penalty:g} > 1: the ascent diverges "

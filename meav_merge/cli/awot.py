@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from meav_merge.coefficients import number_arg
+
 
 def _awot_config(args):
     from meav_merge.awot.steering import AWOTConfig
@@ -68,9 +70,15 @@ def _cmd_eval_hh(args) -> None:
 
 
 def _add_awot_args(p, alpha: float) -> None:
-    p.add_argument("--alpha", type=float, default=alpha, help="step size α (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=60, help="ascent steps n (default: %(default)s)")
-    p.add_argument("--penalty", type=float, default=0.0, help="λ of the L2 penalty on the change (default: 0)")
+    p.add_argument("--alpha", type=number_arg("--alpha", minimum=0), default=alpha,
+                   help="step size α (default: %(default)s)")
+    p.add_argument("--steps", type=_count("--steps", 0), default=60, help="ascent steps n (default: %(default)s)")
+    p.add_argument("--penalty", type=number_arg("--penalty", minimum=0), default=0.0,
+                   help="λ of the L2 penalty on the change (default: 0)")
+
+
+def _count(key: str, minimum: int = 1):
+    return number_arg(key, integer=True, minimum=minimum)
 
 
 def _add_state_args(p) -> None:
@@ -91,31 +99,31 @@ def add_cli(subparsers) -> None:
                    help="'sentiment', 'sentiment-a1', a JSON file {positive: [...], negative: [...]}, or "
                         "auto:ALIGNED_DIR (anchors by log π_aligned/π_model, needs --auto-data)")
     p.add_argument("--auto-data", help="preference data for auto anchors (its train split), e.g. data/safety.jsonl")
-    p.add_argument("--top-k", type=int, default=20, help="auto anchors per side (default: %(default)s)")
+    p.add_argument("--top-k", type=_count("--top-k"), default=20, help="auto anchors per side (default: %(default)s)")
     _add_awot_args(p, alpha=2.0)
     _add_state_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repetition-penalty", type=float, default=1.5, help="(paper: 1.5; default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_count("--max-new-tokens"), default=128)
+    p.add_argument("--repetition-penalty", type=number_arg("--repetition-penalty", positive=True), default=1.5, help="(paper: 1.5; default: %(default)s)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval-sentiment", help="controlled sentiment generation: base, prompting, AWOT, best-of-N")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="output directory (generations.csv, summary.csv/.json/.md)")
-    p.add_argument("--n", type=int, default=100, help="number of prompts (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--n", type=_count("--n"), default=100, help="number of prompts (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_count("--max-new-tokens"), default=48)
     p.add_argument("--prompts", help="JSONL of {id, text} openings (default: the shipped movie_review_openings)")
     p.add_argument("--anchors", default="sentiment", help="named set or JSON word file (default: %(default)s)")
     _add_awot_args(p, alpha=2.0)
-    p.add_argument("--best-of", type=int, default=4)
+    p.add_argument("--best-of", type=_count("--best-of"), default=4)
     p.add_argument("--format", choices=["chat", "plain"], default="chat",
                    help="prompt as the chat user message (default) or as a raw continuation prompt")
-    p.add_argument("--repetition-penalty", type=float, default=1.5)
+    p.add_argument("--repetition-penalty", type=number_arg("--repetition-penalty", positive=True), default=1.5)
     p.add_argument("--methods", help="comma-separated subset (base is always run: it is the timing reference)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--seed", type=_count("--seed", 0), default=0)
+    p.add_argument("--batch-size", type=_count("--batch-size"), default=1,
                    help="prompts per generate() call (1: the paper's timing setting; more: faster)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.set_defaults(func=_cmd_eval_sentiment)
@@ -124,7 +132,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", required=True, help="model to steer (also π_ref for anchor selection)")
     p.add_argument("--aligned", required=True, help="aligned model (π*) with the same vocabulary")
     p.add_argument("--data", default="data/safety.jsonl", help="anchors from its train split, accuracy on test")
-    p.add_argument("--top-k", type=int, default=10, help="anchors per side (paper: 10)")
+    p.add_argument("--top-k", type=_count("--top-k"), default=10, help="anchors per side (paper: 10)")
     _add_awot_args(p, alpha=0.5)
     _add_state_args(p)
     p.add_argument("--out", help="output directory for hh.json")

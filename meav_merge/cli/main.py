@@ -8,11 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+from meav_merge.coefficients import lambdas_arg, number_arg, parse_number
 from meav_merge.resources import DEFAULT_MODEL_DIR
 
 
 class UsageError(ValueError):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line naming it, like every other meav error (argparse adds the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
 def _cmd_base(args) -> None:
@@ -25,6 +33,7 @@ def _cmd_base(args) -> None:
 def _cmd_extract(args) -> None:
     import torch
 
+    from meav_merge.io.checkpoint import check_output_dir
     from meav_merge.vectors.alignment_vector import extract_vector
 
     meta = {}
@@ -34,6 +43,8 @@ def _cmd_extract(args) -> None:
         meta["preference"] = args.preference
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
+    # before a single tensor is read: an existing OUT, or a --force OUT that holds an input
+    check_output_dir(args.out, force=args.force, inputs=[p for p in (args.aligned, args.base, args.minus) if p])
     vec = extract_vector(args.aligned, args.base, args.out, minus=args.minus, dtype=dtype, meta=meta,
                          force=args.force)
     print(f"{vec.meta['kind']} written to {args.out}: {len(vec.keys())} tensors, ‖v‖ = {vec.norm():.4f}, "
@@ -106,8 +117,8 @@ def _parse_joint(spec: str) -> dict:
 def _cmd_train(args) -> None:
     from meav_merge.training.dpo import MeavTrainConfig, train_vector
 
-    layers = -1 if args.trainable_layers is None else (None if args.trainable_layers == "all"
-                                                         else int(args.trainable_layers))
+    layers = -1 if args.trainable_layers is None else (None if args.trainable_layers == "all" else parse_number(
+        args.trainable_layers, "--trainable-layers", integer=True, positive=True))
     cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
                           per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
                           trainable_layers=layers, seed=args.seed, retain_records=args.retain_records,
@@ -153,7 +164,7 @@ def _add_common_output(p, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meav", description="Inference-time preference alignment as model editing.")
+    parser = _Parser(prog="meav", description="Inference-time preference alignment as model editing.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("base", help="materialize the base model (default: embedded SmolLM2-135M-Instruct)")
@@ -209,17 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
                    help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
     p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--retain-records", type=int, default=0,
+    p.add_argument("--lr", type=number_arg("--lr", positive=True))
+    p.add_argument("--max-length", type=number_arg("--max-length", integer=True, positive=True))
+    p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True))
+    p.add_argument("--epochs", type=number_arg("--epochs", positive=True), default=1.0)
+    p.add_argument("--seed", type=number_arg("--seed", integer=True, minimum=0), default=0)
+    p.add_argument("--retain-records", type=number_arg("--retain-records", integer=True, minimum=0), default=0,
                    help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
                         "holds those domains where the base model has them (default: %(default)s)")
-    p.add_argument("--sft-weight", type=float, default=0.0,
+    p.add_argument("--sft-weight", type=number_arg("--sft-weight", minimum=0), default=0.0,
                    help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
-    p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS",
+    p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS", type=lambdas_arg("--check"),
                    help="after training, sweep the test split at these λ and check that some λ>0 makes the "
                         "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "
                         "(default λ: %(const)s)")
@@ -230,11 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
     p.add_argument("--vector", action="append", required=True,
                    help="vector directory, optionally DIR:weight; repeat to sweep a weighted sum")
-    p.add_argument("--lambdas", default="-1.5:1.0:0.1", help="start:stop:step or a comma list")
+    p.add_argument("--lambdas", default="-1.5:1.0:0.1", type=lambdas_arg(), help="start:stop:step or a comma list")
     p.add_argument("--data", required=True, help="JSONL file (or data directory with --domain)")
     p.add_argument("--domain", help="domain to score (default: every domain in the file)")
     p.add_argument("--split", default="test", help="train, validation, test or all (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="score only the first N queries")
+    p.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True), help="score only the first N queries")
     p.add_argument("--transfer", action="store_true", help="allow vectors measured from another model")
     p.add_argument("--out", required=True)
     _add_common_output(p, "output directory")

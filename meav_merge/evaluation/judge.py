@@ -280,12 +280,13 @@ def _cmd_judge(args) -> None:
 
 def add_cli(subparsers) -> None:
     """Register ``meav judge`` on the ``meav`` subparsers."""
+    from meav_merge.coefficients import number_arg
     from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
     p = subparsers.add_parser("judge", help="generate answers and judge their level (judged generation accuracy)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model directory (default: %(default)s)")
     p.add_argument("--vector", dest="vectors", action="append", default=[], help="alignment vector (repeatable)")
-    p.add_argument("--lambda", dest="lambdas", action="append", type=float, default=[],
+    p.add_argument("--lambda", dest="lambdas", action="append", type=number_arg("--lambda"), default=[],
                    help="coefficient of the matching --vector (repeatable, same order)")
     p.add_argument("--transfer", action="store_true", help="allow vectors extracted from a different base model")
     p.add_argument("--domain", required=True, help="domain to answer queries of, e.g. medical")

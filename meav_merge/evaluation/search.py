@@ -383,6 +383,8 @@ def _cmd_search(args) -> None:
     from meav_merge.io.checkpoint import atomic_output_dir
     from meav_merge.vectors.alignment_vector import AlignmentVector
 
+    if not args.low < args.high:
+        raise ValueError(f"--low {args.low:g} must be below --high {args.high:g}")
     vectors = _parse_named(args.vector, "vector")
     domains = list(vectors)
     rm = ReweightableModel(args.model, [AlignmentVector.load(p) for p in vectors.values()])
@@ -422,6 +424,7 @@ def _cmd_search(args) -> None:
 
 
 def add_cli(sub) -> None:
+    from meav_merge.coefficients import number_arg
     from meav_merge.resources import DEFAULT_MODEL_DIR
 
     p = sub.add_parser("search", help="find multi-domain λ for target levels (few exact evaluations)")
@@ -431,12 +434,13 @@ def add_cli(sub) -> None:
     p.add_argument("--all", action="store_true", help="all 3^n target combinations")
     p.add_argument("--data", default="data")
     p.add_argument("--split", default="validation")
-    p.add_argument("--limit", type=int, help="queries per domain")
-    p.add_argument("--budget", type=int, default=100, help="most exact evaluations to spend")
-    p.add_argument("--low", type=float, default=-4.0, help="smallest λ considered (default: %(default)s)")
-    p.add_argument("--high", type=float, default=4.0, help="largest λ considered (default: %(default)s)")
+    p.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True), help="queries per domain")
+    p.add_argument("--budget", type=number_arg("--budget", integer=True, positive=True), default=100,
+                   help="most exact evaluations to spend")
+    p.add_argument("--low", type=number_arg("--low"), default=-4.0, help="smallest λ considered (default: %(default)s)")
+    p.add_argument("--high", type=number_arg("--high"), default=4.0, help="largest λ considered (default: %(default)s)")
     p.add_argument("--grid", action="store_true", help="exhaustive grid instead (the paper's method)")
-    p.add_argument("--grid-step", type=float, default=0.5)
+    p.add_argument("--grid-step", type=number_arg("--grid-step", positive=True), default=0.5)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_search)

@@ -25,19 +25,11 @@ from meav_merge.evaluation.top_layer import top_layer_scorer
 from meav_merge.vectors.alignment_vector import AlignmentVector, apply_vectors, check_vector_against, model_tensors
 
 
-def parse_lambdas(spec: str) -> List[float]:
-    """'-1.5:1.0:0.1' (start:stop:step, inclusive) or '-1,-0.5,0,0.5'."""
-    spec = spec.strip()
-    try:
-        if ":" in spec:
-            start, stop, step = (float(x) for x in spec.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            n = int(round((stop - start) / step))
-            return [round(start + i * step, 10) for i in range(n + 1)]
-        return [float(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--lambdas: cannot parse '{spec}' (use start:stop:step or a comma list)") from None
+def parse_lambdas(spec: str, key: str = "--lambdas") -> List[float]:
+    """'-1.5:1.0:0.1' (start:stop:step, inclusive) or '-1,-0.5,0,0.5'; every value finite."""
+    from meav_merge.coefficients import parse_lambdas as parse
+
+    return parse(spec, key)
 
 
 class ReweightableModel:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from meav_merge.coefficients import lambdas_arg, number_arg, parse_number
 from meav_merge.io.checkpoint import atomic_output_dir
 from meav_merge.data.schema import DOMAIN_LEVELS, Record, load_records
 from meav_merge.evaluation.sweep import (ReweightableModel, SweepPoint, dominance_ranges, evaluate_point, format_table,
@@ -39,10 +40,7 @@ def parse_vector_specs(specs: Sequence[str]) -> Tuple[List[AlignmentVector], Lis
     vectors, weights = [], []
     for spec in specs:
         path, sep, weight = spec.rpartition(":") if ":" in spec and not os.path.isdir(spec) else (spec, "", "")
-        try:
-            weights.append(float(weight) if sep else 1.0)
-        except ValueError:
-            raise ValueError(f"--vector {spec}: weight after ':' must be a number") from None
+        weights.append(parse_number(weight, f"--vector {spec}: weight after ':'") if sep else 1.0)
         vectors.append(AlignmentVector.load(path if sep else spec))
     return vectors, weights
 
@@ -179,7 +177,7 @@ def _cmd_ood(args) -> None:
     vectors, _ = parse_vector_specs([args.vector])
     rm = ReweightableModel(args.model, vectors, transfer=args.transfer)
     domains = args.domains.split(",")
-    rows = ood_table(rm, parse_lambdas(args.lambdas), args.data, domains, limit=args.limit)
+    rows = ood_table(rm, args.lambdas, args.data, domains, limit=args.limit)
     with atomic_output_dir(args.out, force=args.force) as tmp:
         write_rows_csv(rows, tmp / "ood.csv")
         (tmp / "ood.json").write_text(json.dumps({"vector": args.vector, "rows": rows}, indent=2))
@@ -187,10 +185,13 @@ def _cmd_ood(args) -> None:
 
 
 def _cmd_table1(args) -> None:
+    values = parse_lambdas(args.meav_lambdas, "--meav-lambdas")  # before the model loads
+    if len(values) != 3 or ":" in args.meav_lambdas:
+        raise ValueError(f"--meav-lambdas: give three values (expert,generic,avoidance), not {args.meav_lambdas!r}")
+    lams = dict(zip(("expert", "generic", "avoidance"), values))
     vectors, _ = parse_vector_specs([args.vector])
     rm = ReweightableModel(args.model, vectors, transfer=args.transfer)
     records = load_records(args.data, args.domain, "test")[: args.limit or None]
-    lams = dict(zip(("expert", "generic", "avoidance"), (float(x) for x in args.meav_lambdas.split(","))))
     judge = None
     if args.judged:
         from meav_merge.evaluation.level_classifier import default_classifier
@@ -212,10 +213,10 @@ def add_cli(sub) -> None:
     q = ev.add_parser("ood", help="one vector at several λ, scored on other domains (paper Table 2)")
     q.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     q.add_argument("--vector", required=True)
-    q.add_argument("--lambdas", default="0,0.5,-0.7,-1.2")
+    q.add_argument("--lambdas", default="0,0.5,-0.7,-1.2", type=lambdas_arg())
     q.add_argument("--data", default="data")
     q.add_argument("--domains", default="financial,legal,safety,helpfulness")
-    q.add_argument("--limit", type=int)
+    q.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True))
     q.add_argument("--transfer", action="store_true")
     q.add_argument("--out", required=True)
     q.add_argument("--force", action="store_true")
@@ -226,9 +227,9 @@ def add_cli(sub) -> None:
     q.add_argument("--domain", default="medical")
     q.add_argument("--meav-lambdas", required=True, help="λ for expert,generic,avoidance, e.g. 0.5,-0.7,-1.2")
     q.add_argument("--data", default="data")
-    q.add_argument("--limit", type=int)
+    q.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True))
     q.add_argument("--judged", action="store_true", help="also judged generation accuracy (offline classifier)")
-    q.add_argument("--max-new-tokens", type=int, default=96)
+    q.add_argument("--max-new-tokens", type=number_arg("--max-new-tokens", integer=True, positive=True), default=96)
     q.add_argument("--transfer", action="store_true")
     q.add_argument("--out", required=True)
     q.add_argument("--force", action="store_true")
