@@ -13,20 +13,27 @@ from test_merge_method import run_mergekit, weights
 TOP = "model.layers.1."
 
 
-@pytest.fixture(scope="module")
-def top_only(tiny_dirs, tmp_path_factory):
-    """A copy of the base with only its top layer changed, and its sparse vector."""
-    root = tmp_path_factory.mktemp("sparse")
-    aligned = root / "aligned_top"
-    shutil.copytree(tiny_dirs["base"], aligned)
+def top_layer_vector(base, root):
+    """The sparse vector of a copy of ``base`` with only its top layer changed."""
+    return extract_vector(_perturb_top(base, root / "aligned_top"), base, root / "vec").path
+
+
+def _perturb_top(base, aligned):
+    shutil.copytree(base, aligned)
     sd = load_file(str(aligned / "model.safetensors"))
     g = torch.Generator().manual_seed(3)
     for n in sd:
         if n.startswith(TOP):
             sd[n] = sd[n] + 0.02 * torch.randn(sd[n].shape, generator=g)
     save_file(sd, str(aligned / "model.safetensors"), metadata={"format": "pt"})
-    vec = extract_vector(aligned, tiny_dirs["base"], root / "vec")
-    return aligned, vec.path
+    return aligned
+
+
+@pytest.fixture(scope="module")
+def top_only(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse")
+    vec = top_layer_vector(tiny_dirs["base"], root)
+    return root / "aligned_top", vec
 
 
 def test_extract_stores_only_changed_tensors(tiny_dirs, top_only):
