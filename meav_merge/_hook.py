@@ -9,6 +9,7 @@ runs a callback right after one of a few host modules finishes executing:
                                   silently ignores unknown parameter names).
 - ``mergekit.card``           -> write MEAV model cards for ``meav`` merges.
 - ``lm_eval.tasks.manager``   -> add the package's task folder to every TaskManager.
+- ``lm_eval.evaluator``       -> check the meav tasks' ``--metadata`` before the model loads.
 
 Every wrapper passes straight through unless the recipe's method is ``meav`` (or,
 for lm-eval, only adds a search path), so other merges are byte-for-byte unchanged.
@@ -17,6 +18,7 @@ Set ``MEAV_MERGE_NO_HOOK=1`` to disable it.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import os
@@ -85,11 +87,28 @@ def _wrap_task_manager(module) -> None:
     module.TaskManager.__init__ = __init__
 
 
+def _wrap_simple_evaluate(module) -> None:
+    original = module.simple_evaluate
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def simple_evaluate(*args, **kwargs):
+        from meav_merge.evaluation.task_metadata import check_before_model_load
+
+        check_before_model_load(original, args, kwargs)  # passes through unless a meav task is asked for
+        return original(*args, **kwargs)
+
+    simple_evaluate._meav_wrapped = True
+    module.simple_evaluate = simple_evaluate
+
+
 CALLBACKS = {
     "mergekit.merge_methods": _register_method,
     "mergekit.plan": _wrap_planner,
     "mergekit.card": _wrap_card,
     "lm_eval.tasks.manager": _wrap_task_manager,
+    "lm_eval.evaluator": _wrap_simple_evaluate,
 }
 
 

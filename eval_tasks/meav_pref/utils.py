@@ -20,6 +20,11 @@ Task options, through ``--metadata '{...}'`` (model_args arrive there too):
   target      level counted by pref_acc_target, e.g. "avoidance", or per domain
               {"medical": "avoidance", "legal": "expert"} (default: the best level)
   tokenizer   tokenizer path when `pretrained` is not a path (e.g. an in-memory model)
+  system_prompt  system message for the chat context
+
+Any other key, a domain that is not one of the data schema's, a level that is not
+the domain's, or a split that is not one of the four is an error naming the key
+(meav_merge.evaluation.task_metadata); with ``lm_eval`` it comes before the model loads.
 """
 
 from __future__ import annotations
@@ -30,10 +35,9 @@ from typing import Dict, List
 import datasets
 
 from meav_merge.data.schema import levels_for, load_records
-from meav_merge.resources import data_dir
 from meav_merge.evaluation.scoring import chat_context, encode_pair
-
-SHORT = {"expert": "exp", "generic": "gen", "avoidance": "avd"}
+from meav_merge.evaluation.task_metadata import SHORT, check_task_metadata
+from meav_merge.resources import data_dir
 
 
 def metric_name(level: str) -> str:
@@ -56,7 +60,7 @@ def _as_bool(value):
 def _target(metadata: dict, domain: str, levels) -> str:
     target = metadata.get("target")
     if isinstance(target, dict):
-        target = target.get(domain)
+        target = target.get(domain)  # other domains' entries were checked by check_task_metadata
     target = target or levels[0]
     aliases = {v: k for k, v in SHORT.items()}
     target = aliases.get(target, target)
@@ -67,6 +71,7 @@ def _target(metadata: dict, domain: str, levels) -> str:
 
 def load_dataset(domain: str = "medical", **metadata) -> datasets.DatasetDict:
     """``custom_dataset`` for the meav_pref tasks: one doc per query, with token counts."""
+    check_task_metadata(metadata)  # before the tokenizer and data are read
     tok_path = metadata.get("tokenizer") or metadata.get("pretrained")
     if not isinstance(tok_path, str):
         raise ValueError("meav_pref: the tokenizer is needed to build the chat context; pass "
