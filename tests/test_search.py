@@ -105,3 +105,28 @@ def test_grid_agrees_with_search_on_reachability(setup):
     assert all(g.reached for g in grid)
     assert [f.reached for f in found] == [g.reached for g in grid]
     assert ev2.count < ev.count  # 125 grid points vs the search's budget
+
+
+def test_cli_fits_on_validation_and_reports_test_with_cmaes(setup, tmp_path):
+    import yaml
+
+    from meav_merge.cli import main
+
+    base, data, vectors = setup
+    # the same kind of queries under other ids, held out as the test split
+    held = [parse_record({**r.to_json(), "id": r.id + "-t", "split": "test"}, "t") for r in _records()]
+    write_jsonl(held, data / "held.jsonl")
+    fin_ok = max((fr := _evaluator(setup)((0.0, 0.0, 0.0)).fractions["financial"]), key=fr.get)
+    out = tmp_path / "search"
+    assert main(["search", "--model", str(base), "--data", str(data), "--strategy", "cmaes", "--budget", "30",
+                 "--vector", f"medical={vectors['medical']},financial={vectors['financial']},legal={vectors['legal']}",
+                 "--target", f"medical=expert,financial={fin_ok},legal=avoidance", "--out", str(out)]) == 0
+    report = json.loads((out / "search_report.json").read_text())
+    assert report["strategy"] == "cmaes" and report["exact_evaluations"] <= 30 + 1
+    assert report["fit_split"] == "validation" and report["report_split"] == "test"
+    assert report["held_out"]["reached"] == 1, report["held_out"]
+    lam = report["fit"]["results"][0]["lambda"]
+    assert lam["medical"] > 0 and lam["legal"] < 0
+    recipe = yaml.safe_load(next(out.glob("medical-expert_*.yaml")).read_text())
+    assert [m["parameters"]["lambda"] for m in recipe["models"]] == pytest.approx(list(lam.values()))
+    assert "1/1 targets reached on test" in (out / "README.md").read_text()

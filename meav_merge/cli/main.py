@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_output(p, "output directory")
     p.set_defaults(func=_cmd_sweep)
 
-    for module in ("meav_merge.evaluation.tables", "meav_merge.evaluation.search", "meav_merge.evaluation.judge", "meav_merge.cli.awot",
+    for module in ("meav_merge.evaluation.tables", "meav_merge.cli.search", "meav_merge.evaluation.judge", "meav_merge.cli.awot",
                    "meav_merge.demo.pipeline", "meav_merge.vectors.compress", "meav_merge.serving.cli"):
         _optional_cli(module, sub)
     return parser

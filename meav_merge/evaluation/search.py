@@ -28,15 +28,10 @@ highest of the levels and above 1/3; the margin is how far it clears both.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import yaml
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS, load_records
 from meav_merge.evaluation.scoring import prepare
@@ -333,114 +328,3 @@ def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: floa
                 best[k] = (m, e)
     return [SearchResult(t, best[k][1].coefficients, best[k][1].fractions, best[k][0][0], best[k][0][0] > 0,
                          evaluator.count) for k, t in enumerate(targets)]
-
-
-# --- outputs -------------------------------------------------------------------------------
-def recipe_yaml(base_model: str, vector_paths: Sequence[str], result: SearchResult, note: str = "") -> str:
-    lines = [f"# Found by `meav search` for target {', '.join(f'{d}={lv}' for d, lv in result.target.items())}.",
-             f"# Worst-domain margin {result.margin:+.3f}; per-domain fractions in the search report. {note}".rstrip()]
-    body = {"merge_method": "meav", "base_model": base_model,
-            "models": [{"model": p, "parameters": {"lambda": float(c)}} for p, c in zip(vector_paths, result.coefficients)],
-            "dtype": "float32"}
-    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
-
-
-def summary_table(results: Sequence[SearchResult], joint: Optional[Dict[str, Dict]] = None) -> str:
-    short = {"expert": "Exp", "generic": "Gen", "avoidance": "Avd"}
-    head = "target (" + ",".join(d[:3] for d in results[0].target) + ")   λ                      per-domain dominant level (fraction)"
-    if joint:
-        head += "   joint training"
-    lines = [head]
-    for r in results:
-        cells = []
-        for d, lv in r.target.items():
-            fr = r.fractions[d]
-            dom = max(fr, key=fr.get)
-            ok = "" if margin(fr, lv) > 0 else "*"
-            cells.append(f"{short[dom]} ({fr[dom]:.2f}){ok}")
-        key = ",".join(short[lv] for lv in r.target.values())
-        lam = "[" + ", ".join(f"{c:+.1f}" for c in r.coefficients) + "]"
-        row = f"{key:<16} {lam:<22} {'  '.join(cells)}  {'reached' if r.reached else 'NOT reached'}"
-        if joint and key in joint:
-            row += "   " + "  ".join(f"{short[max(fr, key=fr.get)]} ({max(fr.values()):.2f})" for fr in joint[key].values())
-        lines.append(row)
-    lines.append("* target level not dominant in that domain")
-    return "\n".join(lines)
-
-
-def _parse_named(specs: Sequence[str], what: str) -> Dict[str, str]:
-    out = {}
-    for spec in specs:
-        for part in spec.split(","):
-            name, sep, value = part.partition("=")
-            if not sep:
-                raise ValueError(f"--{what}: expected domain=value, got '{part}'")
-            out[name.strip()] = value.strip()
-    return out
-
-
-def _cmd_search(args) -> None:
-    from meav_merge.io.checkpoint import atomic_output_dir
-    from meav_merge.vectors.alignment_vector import AlignmentVector
-
-    if not args.low < args.high:
-        raise ValueError(f"--low {args.low:g} must be below --high {args.high:g}")
-    vectors = _parse_named(args.vector, "vector")
-    domains = list(vectors)
-    rm = ReweightableModel(args.model, [AlignmentVector.load(p) for p in vectors.values()])
-    evaluator = ExactEvaluator(rm, args.data, domains, split=args.split, limit=args.limit)
-    if args.all:
-        targets = all_targets(domains)
-    else:
-        if not args.target:
-            raise ValueError("give --target domain=level,... or --all")
-        t = _parse_named([args.target], "target")
-        if set(t) != set(domains):
-            raise ValueError(f"--target must name every vector's domain ({', '.join(domains)})")
-        for d, lv in t.items():
-            if lv not in PROFICIENCY_LEVELS:
-                raise ValueError(f"--target {d}={lv}: level must be one of {', '.join(PROFICIENCY_LEVELS)}")
-        targets = [{d: t[d] for d in domains}]
-    started = time.time()
-    cfg = SearchConfig.spanning(args.low, args.high, budget=args.budget)
-    results = (grid_search(evaluator, targets, step=args.grid_step, low=args.low, high=args.high) if args.grid
-               else search(evaluator, targets, cfg))
-    report = {"mode": "grid" if args.grid else "surrogate", "split": args.split, "model": args.model,
-              "vectors": vectors, "exact_evaluations": evaluator.count, "wall_seconds": round(time.time() - started, 1),
-              "paper_grid_evaluations": 21 ** len(domains),  # 21 values per domain, as in the paper
-              "range": [cfg.low, cfg.high], "grid_step": args.grid_step if args.grid else None,
-              "reached": sum(r.reached for r in results), "targets": len(results),
-              "results": [{"target": r.target, "lambda": dict(zip(domains, r.coefficients)), "fractions": r.fractions,
-                           "worst_margin": r.margin, "reached": r.reached, "evaluations_when_settled": r.evaluations}
-                          for r in results]}
-    with atomic_output_dir(args.out, force=args.force) as tmp:
-        (tmp / "search_report.json").write_text(json.dumps(report, indent=2))
-        for r in results:
-            name = "_".join(f"{d}-{lv}" for d, lv in r.target.items())
-            (tmp / f"{name}.yaml").write_text(recipe_yaml(args.model, list(vectors.values()), r))
-    print(summary_table(results))
-    print(f"\n{report['reached']}/{len(results)} targets reached with {evaluator.count} exact evaluations "
-          f"({report['wall_seconds']} s)")
-
-
-def add_cli(sub) -> None:
-    from meav_merge.coefficients import number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR
-
-    p = sub.add_parser("search", help="find multi-domain λ for target levels (few exact evaluations)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    p.add_argument("--vector", action="append", required=True, help="domain=DIR, once per domain")
-    p.add_argument("--target", help="e.g. medical=avoidance,financial=generic,legal=expert")
-    p.add_argument("--all", action="store_true", help="all 3^n target combinations")
-    p.add_argument("--data", default="data")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True), help="queries per domain")
-    p.add_argument("--budget", type=number_arg("--budget", integer=True, positive=True), default=100,
-                   help="most exact evaluations to spend")
-    p.add_argument("--low", type=number_arg("--low"), default=-4.0, help="smallest λ considered (default: %(default)s)")
-    p.add_argument("--high", type=number_arg("--high"), default=4.0, help="largest λ considered (default: %(default)s)")
-    p.add_argument("--grid", action="store_true", help="exhaustive grid instead (the paper's method)")
-    p.add_argument("--grid-step", type=number_arg("--grid-step", positive=True), default=0.5)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(func=_cmd_search)
