@@ -116,7 +116,7 @@ def parse_record(obj, source: str, known_domains: Optional[Dict[str, Tuple[str, 
             raise DataError(f"{source}: missing or empty field '{key}'")
     domain = obj["domain"]
     if domain not in domains:
-        raise DataError(f"{source}: unknown domain '{domain}' (known: {', '.join(domains)})")
+        raise DataError(f"{source}: unknown domain {domain!r} (known: {', '.join(domains)})")
     levels = domains[domain]
     responses = {}
     for level in levels:
@@ -127,8 +127,8 @@ def parse_record(obj, source: str, known_domains: Optional[Dict[str, Tuple[str, 
     if levels == PROFICIENCY_LEVELS and not (isinstance(obj.get("persona"), str) and obj["persona"].strip()):
         raise DataError(f"{source}: missing or empty field 'persona'")
     split = obj.get("split", "")
-    if split and split not in SPLITS:
-        raise DataError(f"{source}: split must be one of {', '.join(SPLITS)}, not '{split}'")
+    if not isinstance(split, str) or (split and split not in SPLITS):
+        raise DataError(f"{source}: split must be one of {', '.join(SPLITS)}, not {split!r}")
     texts = list(responses.values())
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
@@ -157,7 +157,7 @@ def _no_duplicate_keys(pairs):
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate key '{key}'")  # json keeps the last one: the first would be lost
+            raise ValueError(f"duplicate key {key!r}")  # json keeps the last one: the first would be lost
         obj[key] = value
     return obj
 
@@ -217,7 +217,7 @@ def read_jsonl(path: str | os.PathLike) -> List[Record]:
         src = f"{path}:{ln}"
         rec = parse_record(obj, src)
         if rec.id in ids:
-            raise DataError(f"{src}: duplicate id '{rec.id}' (first at line {ids[rec.id]})")
+            raise DataError(f"{src}: duplicate id {rec.id!r} (first at line {ids[rec.id]})")
         ids[rec.id] = ln
         records.append(rec)
     if not records:
@@ -362,7 +362,7 @@ def validate_file(path: str | os.PathLike) -> FileReport:
             rep.errors.append(str(e))
             continue
         if rec.id in first_line:
-            rep.errors.append(f"{src}: duplicate id '{rec.id}' (first at line {first_line[rec.id]})")
+            rep.errors.append(f"{src}: duplicate id {rec.id!r} (first at line {first_line[rec.id]})")
             continue
         first_line[rec.id] = ln
         if not rec.split:
