@@ -130,3 +130,19 @@ def test_cli_fits_on_validation_and_reports_test_with_cmaes(setup, tmp_path):
     recipe = yaml.safe_load(next(out.glob("medical-expert_*.yaml")).read_text())
     assert [m["parameters"]["lambda"] for m in recipe["models"]] == pytest.approx(list(lam.values()))
     assert "1/1 targets reached on test" in (out / "README.md").read_text()
+
+
+def test_spillover_separates_own_domain_from_the_others(setup):
+    from meav_merge.evaluation.spillover import spillover
+
+    base, data, vectors = setup
+    rm = ReweightableModel(base, [AlignmentVector.load(vectors[d]) for d in ("medical", "financial", "legal")])
+    out = spillover(rm, ["medical", "financial", "legal"], [-2.0, 2.0], str(data), split="validation")
+    med, fin = out["summary"]["medical"], out["summary"]["financial"]
+    # the planted medical vector touches only medical letters: the other domains do not move
+    assert med["spill"] == 0.0
+    assert med["control"]["expert"] == 2.0 and med["control"]["avoidance"] == -2.0
+    # the zero financial vector moves nothing, and reaches only the level dominant at λ = 0
+    assert fin["spill"] == 0.0
+    assert sum(v is not None for v in fin["control"].values()) <= 1
+    assert len(out["rows"]) == 6 and out["n"] == {"medical": 6, "financial": 6, "legal": 6}

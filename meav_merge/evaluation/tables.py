@@ -234,3 +234,6 @@ def add_cli(sub) -> None:
     q.add_argument("--out", required=True)
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=_cmd_table1)
+    from meav_merge.evaluation.spillover import add_eval_cli
+
+    add_eval_cli(ev)
