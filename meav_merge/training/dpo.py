@@ -65,6 +65,9 @@ class MeavTrainConfig:
     # An NLL term on the chosen responses (RPO; trl's loss_type "sft"): anchors their
     # likelihood, so the vector does not move probability mass onto text in neither response.
     sft_weight: float = 0.0
+    # At most this many train records of the domain (the first by id hash, so a subset is
+    # the same on every machine); None = all. For time-bounded runs such as `meav demo`.
+    train_records: Optional[int] = None
     seed: int = 0
     save_steps: int = 20
     logging_steps: int = 5
@@ -154,9 +157,15 @@ def pair_rows(records: Sequence[Record], swap: bool = False, targets: Optional[D
     return rows
 
 
+def _first(records: List[Record], n: Optional[int]) -> List[Record]:
+    from meav_merge.data.schema import _split_key
+
+    return records if n is None else sorted(records, key=lambda r: _split_key(r.id))[:n]
+
+
 def retain_rows(data: str | os.PathLike, domain: str, n: int) -> List[dict]:
     """Both orders of every adjacent-level pair of ``n`` train records from each other proficiency domain."""
-    from meav_merge.data.schema import DOMAIN_LEVELS, PROFICIENCY_LEVELS, _split_key
+    from meav_merge.data.schema import DOMAIN_LEVELS, PROFICIENCY_LEVELS
 
     rows = []
     for other, levels in DOMAIN_LEVELS.items():
@@ -166,7 +175,7 @@ def retain_rows(data: str | os.PathLike, domain: str, n: int) -> List[dict]:
             records = load_records(data, other, "train")
         except (DataError, FileNotFoundError):
             continue  # a data folder without this domain: nothing to hold
-        picked = sorted(records, key=lambda r: _split_key(r.id))[:n]
+        picked = _first(records, n)
         rows += pair_rows(picked) + pair_rows(picked, swap=True)
     return rows
 
@@ -310,7 +319,7 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
     for f in files:  # a file that fails validation stops here, naming file:line
         from meav_merge.data.schema import read_jsonl
         read_jsonl(f)
-    train = [r for d in domains for r in load_records(data, d, "train")]
+    train = [r for d in domains for r in _first(load_records(data, d, "train"), config.train_records)]
     val = [r for d in domains for r in load_records(data, d, "validation")]
     train_rows, val_rows = pair_rows(train, targets=joint), pair_rows(val, targets=joint)
     n_retain = 0
