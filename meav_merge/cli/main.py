@@ -122,7 +122,7 @@ def _cmd_train(args) -> None:
     cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
                           per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
                           trainable_layers=layers, seed=args.seed, retain_records=args.retain_records,
-                          sft_weight=args.sft_weight)
+                          sft_weight=args.sft_weight, train_records=args.train_records)
     domains = [d.strip() for d in args.domain.split(",") if d.strip()] if args.domain else [None]
     if args.check and args.joint:
         raise ValueError("--check applies to --domain runs (a joint model has no single λ axis)")
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-records", type=number_arg("--retain-records", integer=True, minimum=0), default=0,
                    help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
                         "holds those domains where the base model has them (default: %(default)s)")
+    p.add_argument("--train-records", type=number_arg("--train-records", integer=True, positive=True),
+                   help="at most this many train records (the first by id hash; default: all)")
     p.add_argument("--sft-weight", type=number_arg("--sft-weight", minimum=0), default=0.0,
                    help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
     p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS", type=lambdas_arg("--check"),
