@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv=None) -> int:
     import torch
 
-    from meav_merge.awot.steering import AWOTConfig, AWOTSteering, load_causal_lm, manual_anchors
+    from meav_merge.awot import AWOTConfig, AWOTSteering, load_causal_lm, manual_anchors
     from meav_merge.awot.evaluate import format_prompt, generate, read_openings
     from meav_merge.resources import data_dir
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from meav_merge.awot.steering import (
+from meav_merge.awot import (
     ANCHOR_SETS,
     AnchorError,
     AWOTConfig,
@@ -340,7 +340,7 @@ def test_cli_generate(tmp_path, tiny_dirs, capsys):
 
 @pytest.mark.integration
 def test_embedded_model_sentiment_anchors_and_closed_form(embedded_model):
-    from meav_merge.awot.steering import load_causal_lm
+    from meav_merge.awot import load_causal_lm
 
     model, tok = load_causal_lm(embedded_model)
     a = manual_anchors("sentiment", tok)

@@ -4,6 +4,9 @@
 """
 
 from meav_merge.awot.anchors import (  # noqa: F401
+    ANCHOR_SETS,
+    SENTIMENT_NEGATIVE,
+    SENTIMENT_POSITIVE,
     AnchorError,
     Anchors,
     anchors_from_words,
@@ -18,6 +21,9 @@ from meav_merge.awot.steering import (  # noqa: F401
     AWOTLogitsProcessor,
     AWOTSteering,
     anchor_direction,
+    anchor_logit_gap,
+    final_norm,
+    output_head,
     awot_steering,
     step_coefficient,
 )

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from meav_merge.awot.steering import AWOTConfig, AWOTSteering, Anchors, load_causal_lm, manual_anchors
+from meav_merge.awot import AWOTConfig, AWOTSteering, Anchors, load_causal_lm, manual_anchors
 from meav_merge.data.schema import iter_jsonl
 
 BASE_PROMPT = "Here is a movie review from imdb: {text}"
@@ -305,7 +305,7 @@ def evaluate_hh(model_dir: Union[str, os.PathLike], aligned_dir: Union[str, os.P
     the highest mean token log-probability wins), computed by ``meav_merge.evaluation.scoring``
     with the AWOT hook active, so every response token is scored under the steered model.
     """
-    from meav_merge.awot.steering import automatic_anchors, awot_steering
+    from meav_merge.awot import automatic_anchors, awot_steering
     from meav_merge.data.schema import load_records
     from meav_merge.evaluation.scoring import mean_logprobs, prepare, preference_accuracy
 

@@ -37,25 +37,11 @@ from typing import Iterator
 import torch
 from transformers import LogitsProcessor
 
-from meav_merge.awot.anchors import (  # noqa: F401  (re-exported: the AWOT public API lives here)
-    ANCHOR_SETS,
-    SENTIMENT_NEGATIVE,
-    SENTIMENT_POSITIVE,
-    AnchorError,
-    Anchors,
-    anchors_from_words,
-    automatic_anchors,
-    load_causal_lm,
-    manual_anchors,
-    resolve_anchors,
-)
+from meav_merge.awot.anchors import Anchors
 
 __all__ = [
     "AWOTConfig", "AWOTConfigError", "AWOTSteering", "AWOTLogitsProcessor", "awot_steering", "step_coefficient",
     "anchor_direction", "anchor_logit_gap", "output_head", "final_norm",
-    # anchors (meav_merge.awot.anchors)
-    "Anchors", "AnchorError", "ANCHOR_SETS", "SENTIMENT_POSITIVE", "SENTIMENT_NEGATIVE", "anchors_from_words",
-    "manual_anchors", "automatic_anchors", "resolve_anchors", "load_causal_lm",
 ]
 METHODS = ("closed_form", "iterative")
 STATES = ("lm_head_input", "pre_norm")

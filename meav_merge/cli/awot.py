@@ -13,7 +13,7 @@ from meav_merge.coefficients import number_arg
 
 
 def _awot_config(args):
-    from meav_merge.awot.steering import AWOTConfig
+    from meav_merge.awot import AWOTConfig
 
     # pre_norm has no closed form, so it picks the iterative path unless told otherwise.
     method = args.method or ("iterative" if args.state == "pre_norm" else "closed_form")
@@ -23,7 +23,7 @@ def _awot_config(args):
 def _cmd_generate(args) -> None:
     import sys
 
-    from meav_merge.awot.steering import awot_steering, load_causal_lm, resolve_anchors
+    from meav_merge.awot import awot_steering, load_causal_lm, resolve_anchors
     from meav_merge.awot.evaluate import generate
     from meav_merge.evaluation.scoring import chat_context
 
