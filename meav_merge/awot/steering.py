@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 from transformers import LogitsProcessor
 
-from meav_merge.awot.anchors import Anchors
+from meav_merge.awot.anchors import AnchorError, Anchors
 
 __all__ = [
     "AWOTConfig", "AWOTConfigError", "AWOTSteering", "AWOTLogitsProcessor", "awot_steering", "step_coefficient",
