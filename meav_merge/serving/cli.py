@@ -1,0 +1,64 @@
+"""``meav serve``: start the OpenAI-compatible server (uvicorn) on one base model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    from meav_merge.serving.app import build_app
+    from meav_merge.serving.engine import Engine
+    from meav_merge.serving.scheduler import Scheduler
+    from meav_merge.serving.settings import Registry, parse_named, preset_from_recipe
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("meav_merge.serving").addHandler(handler)
+    logging.getLogger("meav_merge.serving").setLevel(logging.INFO)
+    vectors: dict = {}
+    for spec in args.vector or []:
+        name, path = parse_named(spec, "vector")
+        if name in vectors:
+            raise ValueError(f"--vector {spec!r}: name {name!r} given twice")
+        vectors[name] = path
+    presets = {}
+    for spec in args.recipe or []:
+        name, path = parse_named(spec, "recipe")
+        if name in presets:
+            raise ValueError(f"--recipe {spec!r}: preset {name!r} given twice")
+        presets[name] = preset_from_recipe(path, vectors)
+    if args.max_batch_tokens < 1 or args.max_group < 1:
+        raise ValueError("--max-batch-tokens and --max-group must be positive")
+    engine = Engine(args.model, vectors, dtype=args.dtype, device=args.device, transfer=args.transfer,
+                    max_batch_tokens=args.max_batch_tokens)
+    served_name = Path(args.model).name
+    registry = Registry(vectors, presets, served_name=served_name)
+    scheduler = Scheduler(engine, max_group=args.max_group)
+    app = build_app(registry, scheduler)
+    print(f"meav serve: {served_name} with vectors {sorted(vectors) or 'none'} and presets "
+          f"{sorted(presets) or 'none'} on http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish, run shutdown.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    print("meav serve: stopped", flush=True)
+
+
+def add_cli(subparsers) -> None:
+    from meav_merge.resources import DEFAULT_MODEL_DIR
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server with per-request vector coefficients")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="base model (default: %(default)s)")
+    p.add_argument("--vector", action="append", metavar="NAME=DIR", help="serve this vector under NAME; repeat")
+    p.add_argument("--recipe", action="append", metavar="NAME=YAML",
+                   help="register the setting of a meav recipe as preset NAME (its vectors are served too)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--transfer", action="store_true", help="allow vectors measured from another model")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="padded tokens per scoring batch")
+    p.add_argument("--max-group", type=int, default=64, help="sequences run together under one setting")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=serve)

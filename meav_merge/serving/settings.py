@@ -1,0 +1,136 @@
+"""Coefficient settings for ``meav serve``: which λ each vector gets in one request.
+
+A setting comes from the request's ``model`` (``base``, a preset registered with
+``--recipe name=yaml``, or ``base+medical=-1,legal=0.6``) and its optional ``meav``
+body field ({"medical": -1.0}), whose entries override the model's. Settings are
+canonical tuples of (vector, λ) with zeros dropped, so equal settings compare equal
+and the scheduler can group requests by them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple
+
+import yaml
+
+Setting = Tuple[Tuple[str, float], ...]
+BASE_NAMES = ("base",)
+
+
+class SettingError(ValueError):
+    """A bad request setting; ``field`` names the request field (OpenAI's ``param``)."""
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+
+def canonical(coefficients: Mapping[str, float]) -> Setting:
+    return tuple(sorted((k, float(v)) for k, v in coefficients.items() if v != 0))
+
+
+def check_coefficient(value, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingError(field, f"{field}: coefficient must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SettingError(field, f"{field}: coefficient must be finite, got {value!r}")
+    return float(value)
+
+
+class Registry:
+    """Vector names and presets known to the server, and request -> setting resolution."""
+
+    def __init__(self, vectors: Mapping[str, str], presets: Optional[Mapping[str, Setting]] = None,
+                 served_name: str = "base"):
+        self.vectors = dict(vectors)  # name -> directory
+        self.presets: Dict[str, Setting] = dict(presets or {})
+        self.served_name = served_name
+
+    def _check_vector(self, name: str, field: str) -> None:
+        if name not in self.vectors:
+            known = ", ".join(sorted(self.vectors)) or "none"
+            raise SettingError(field, f"{field}: unknown vector {name!r} (served vectors: {known})")
+
+    def parse_model(self, model) -> Dict[str, float]:
+        if not isinstance(model, str) or not model.strip():
+            raise SettingError("model", f"model: must be a non-empty string, got {model!r}")
+        model = model.strip()
+        if model in BASE_NAMES or model == self.served_name:
+            return {}
+        if model in self.presets:
+            return dict(self.presets[model])
+        head, plus, spec = model.partition("+")
+        if not plus or (head not in BASE_NAMES and head != self.served_name):
+            known = ", ".join(["base", *sorted(self.presets)])
+            raise SettingError("model", f"model: unknown model or preset {model!r} (known: {known}; or "
+                                        "base+VECTOR=λ,...)", status=404)
+        out: Dict[str, float] = {}
+        for item in spec.split(","):
+            name, eq, value = (s.strip() for s in item.partition("="))
+            if not eq or not name:
+                raise SettingError("model", f"model: {item!r} is not VECTOR=λ")
+            self._check_vector(name, "model")
+            try:
+                lam = float(value)
+            except ValueError:
+                raise SettingError("model", f"model: coefficient of {name} must be a number, got {value!r}") from None
+            out[name] = check_coefficient(lam, "model")
+        return out
+
+    def resolve(self, model, meav=None) -> Setting:
+        coefficients = self.parse_model(model)
+        if meav is not None:
+            if not isinstance(meav, dict):
+                raise SettingError("meav", f"meav: must be an object of vector: λ, got {meav!r}")
+            for name, value in meav.items():
+                self._check_vector(name, f"meav.{name}")
+                coefficients[name] = check_coefficient(value, f"meav.{name}")
+        return canonical(coefficients)
+
+
+def parse_named(spec: str, what: str) -> Tuple[str, str]:
+    name, eq, path = spec.partition("=")
+    if not eq or not name.strip() or not path.strip():
+        raise ValueError(f"--{what} {spec!r}: expected NAME=PATH")
+    if "+" in name or "," in name or "=" in name or name.strip() in BASE_NAMES:
+        raise ValueError(f"--{what} {spec!r}: name may not be 'base' nor contain + , =")
+    return name.strip(), path.strip()
+
+
+def preset_from_recipe(path: str | os.PathLike, vectors: Dict[str, str]) -> Setting:
+    """The setting of a ``meav`` mergekit recipe; vectors it names that are not served yet
+    are added to ``vectors`` under their directory name."""
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read recipe ({e})") from None
+    if not isinstance(recipe, dict) or recipe.get("merge_method") != "meav":
+        raise ValueError(f"{path}: not a meav recipe (merge_method: meav)")
+    by_dir = {str(Path(d).resolve()): n for n, d in vectors.items()}
+    out: Dict[str, float] = {}
+    for i, entry in enumerate(recipe.get("models") or []):
+        model = (entry or {}).get("model")
+        if not isinstance(model, str) or model == recipe.get("base_model"):
+            continue
+        lam = ((entry.get("parameters") or {}).get("lambda"))
+        where = f"{path}: models[{i}] ({model})"
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ValueError(f"{where}: lambda must be one finite number to serve it, got {lam!r}")
+        if (entry.get("parameters") or {}).get("unaligned"):
+            raise ValueError(f"{where}: full checkpoints (unaligned:) cannot be served; extract a vector first")
+        name = by_dir.get(str(Path(model).resolve()))
+        if name is None:
+            name = Path(model).name
+            if name in vectors:
+                raise ValueError(f"{where}: vector name {name!r} is taken by {vectors[name]}; "
+                                 "serve this vector with --vector NAME=DIR first")
+            vectors[name] = model
+            by_dir[str(Path(model).resolve())] = name
+        out[name] = out.get(name, 0.0) + float(lam)
+    if not out:
+        raise ValueError(f"{path}: the recipe names no vector")
+    return canonical(out)
