@@ -191,11 +191,14 @@ def iter_jsonl(path: str | os.PathLike, error: type = None, strict: bool = True)
     error = error or DataError
     path = Path(path)
     try:
-        lines = jsonl_lines(path.read_bytes())
+        data = path.read_bytes()
     except OSError as e:
         raise error(f"{path}: {e.strerror}") from None
+    try:
+        lines = jsonl_lines(data)
     except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
     for ln, line in enumerate(lines, 1):
         if not line.strip(" \t\r"):  # JSON's whitespace only
             continue

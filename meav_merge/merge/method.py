@@ -140,9 +140,15 @@ def meav_kernel(group: TensorGroup, /, **params: Any) -> torch.Tensor:
             delta = delta - _load_reference_tensor(unaligned, name).to(device=delta.device, dtype=acc_dtype)
         if not torch.isfinite(delta).all():
             raise VectorError(f"{_entry_path(entry.id)}: tensor {name} contains NaN or Inf")
+        if abs(float(lam)) > torch.finfo(acc_dtype).max:  # add_ would raise a bare overflow error
+            raise VectorError(f"{_entry_path(entry.id)}: `lambda` {float(lam):g} is too large for {acc_dtype}")
         if lam != 0:
             out.add_(delta, alpha=float(lam))
-    return out.to(target.dtype)
+    merged = out.to(target.dtype)
+    if not torch.isfinite(merged).all():  # a finite but huge λ (1e308) would write inf, exit 0
+        raise VectorError(f"tensor {name}: the merged values overflow {str(target.dtype).replace('torch.', '')}; "
+                          "`lambda` is too large")
+    return merged
 
 
 def build_method() -> FunctionalGroupMergeMethod:
