@@ -159,7 +159,10 @@ def build_method() -> FunctionalGroupMergeMethod:
         pretty_name="MEAV (alignment vectors)",
         reference_url="https://github.com/meav-merge/meav_merge",
         parameters=(
-            ParameterSpec("lambda", float, ParameterScope.NON_BASE,
+            # A default only for mergekit's Python API (merge_state_dicts, whose generic tests call
+            # every registered method with no parameters); recipes must state lambda, which
+            # validate_recipe enforces for meav merge and plain mergekit-yaml alike.
+            ParameterSpec("lambda", float, ParameterScope.NON_BASE, default=1.0,
                           description="signed coefficient of this entry's alignment vector"),
             ParameterSpec("unaligned", str, ParameterScope.NON_BASE, default="",
                           description="unaligned model a full aligned checkpoint is measured from"),
