@@ -36,9 +36,13 @@ def _records():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
+    return build_setup(tmp_path_factory.mktemp("search"), tiny_tokenizer)
+
+
+def build_setup(root, tiny_tokenizer):
+    """base model dir, data dir, {domain: planted vector dir}."""
     from tiny import build_model, save
 
-    root = tmp_path_factory.mktemp("search")
     model = build_model(tiny_tokenizer, seed=3, tie=False)
     base = save(model, tiny_tokenizer, root / "base")
     data = root / "data"

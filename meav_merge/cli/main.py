@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,14 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     """A bad argument is one line naming it, like every other meav error (argparse adds the usage)."""
+
+    # λ lists and ranges start with a minus sign (`--lambdas -2:4:0.5`, `-3,-1,0`): argparse
+    # would take them for flags, since its negative-number test accepts only "-2" or "-0.5".
+    _NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?([,:].*)?$")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self._NEGATIVE
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
@@ -139,6 +148,11 @@ def _cmd_train(args) -> None:
             print(f"preference vector (θ+ − θ−): {out / 'preference_vector'}")
         if args.check:
             _check_control(args.base, out, args.data, domain, args.check)
+        if args.calibrate:
+            from meav_merge.vectors.calibration import calibrate, describe
+
+            calibrate(out / "vector", args.base, args.data, domain=domain)
+            print(describe(out / "vector"))
 
 
 def _check_control(base: str, run: Path, data: str, domain: str, lambdas: str) -> None:
@@ -232,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many train records (the first by id hash; default: all)")
     p.add_argument("--sft-weight", type=number_arg("--sft-weight", minimum=0), default=0.0,
                    help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="after training, sweep the validation split and record in the vector the λ at which each "
+                        "level is dominant (enables `level:` in recipes)")
     p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS", type=lambdas_arg("--check"),
                    help="after training, sweep the test split at these λ and check that some λ>0 makes the "
                         "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "
@@ -254,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     for module in ("meav_merge.evaluation.tables", "meav_merge.cli.search", "meav_merge.evaluation.judge", "meav_merge.cli.awot",
-                   "meav_merge.demo.pipeline", "meav_merge.vectors.compress", "meav_merge.serving.cli"):
+                   "meav_merge.demo.pipeline", "meav_merge.vectors.calibration", "meav_merge.vectors.compress", "meav_merge.serving.cli"):
         _optional_cli(module, sub)
     return parser
 

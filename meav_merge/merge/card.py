@@ -64,6 +64,15 @@ def _provenance(path: str) -> dict:
     return {}
 
 
+def _lambda_cell(path, lam) -> str:
+    from meav_merge.merge.method import RESOLVED_LEVELS
+
+    level = RESOLVED_LEVELS.get(str(path))  # the recipe said `level:`; validate_recipe resolved it
+    if level:
+        return f"{_fmt(level[1])} (level: {level[0]}, from the vector's calibration)"
+    return _fmt(lam)
+
+
 def _fmt(value) -> str:
     if value is None or value == "":
         return "–"
@@ -106,7 +115,7 @@ def merge_card(config, config_yaml: Optional[str] = None, name: Optional[str] = 
         rows.append(
             "| {path} | {lam} | {kind} | {domain} | {pref} | {fp} | {data} | {train} |".format(
                 path=_fmt(path),
-                lam=_fmt(params.get("lambda")),
+                lam=_lambda_cell(path, params.get("lambda")),
                 kind=_fmt(meta.get("kind") or ("checkpoint − " + str(params.get("unaligned")) if params.get("unaligned") else "?")),
                 domain=_fmt(meta.get("domain")),
                 pref=_fmt(meta.get("preference")),

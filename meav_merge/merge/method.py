@@ -24,7 +24,7 @@ import sys
 
 import functools
 from pathlib import Path
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from mergekit.merge_methods.base import (
@@ -42,7 +42,8 @@ from meav_merge.io.checkpoint import Checkpoint, CheckpointError, fingerprint
 from meav_merge.vectors.alignment_vector import AlignmentVector, VectorError, check_vector_against, is_vector_dir
 
 METHOD_NAME = "meav"
-PARAMETERS = ("lambda", "unaligned", "transfer")
+PARAMETERS = ("lambda", "level", "unaligned", "transfer")
+RESOLVED_LEVELS: Dict[str, Tuple[str, float]] = {}  # vector path -> (level, λ) resolved by validate_recipe
 
 
 class RecipeError(ValueError):
@@ -164,6 +165,8 @@ def build_method() -> FunctionalGroupMergeMethod:
             # validate_recipe enforces for meav merge and plain mergekit-yaml alike.
             ParameterSpec("lambda", float, ParameterScope.NON_BASE, default=1.0,
                           description="signed coefficient of this entry's alignment vector"),
+            ParameterSpec("level", str, ParameterScope.NON_BASE, default="",
+                          description="a calibrated level (expert, generic, avoidance); the merge resolves it to λ"),
             ParameterSpec("unaligned", str, ParameterScope.NON_BASE, default="",
                           description="unaligned model a full aligned checkpoint is measured from"),
             ParameterSpec("transfer", bool, ParameterScope.NON_BASE, default=False,
@@ -235,7 +238,7 @@ def _check_types(where: str, params: dict) -> None:
                     check_number(leaf, label)
             elif key == "transfer":
                 check_bool(_scalar(setting, where, key), label)
-            elif key == "unaligned":
+            elif key in ("unaligned", "level"):
                 check_string(_scalar(setting, where, key), label)
     except CoefficientError as e:
         raise RecipeError(str(e)) from None
@@ -269,6 +272,13 @@ def validate_recipe(config) -> None:
         if path is None or path == target:
             continue
         seen += 1
+        if "level" in (config.parameters or {}):
+            raise RecipeError("meav recipe: parameters: give `level` per entry (each vector has its own calibration)")
+        if "level" in params:
+            # mergekit knows only `lambda`: the level becomes its calibrated value here, and is
+            # remembered so the model card can say which level the λ stands for
+            params["lambda"] = _level_lambda(where, path, params)
+            RESOLVED_LEVELS[str(path)] = (params.pop("level"), params["lambda"])
         if _resolve(config, path, "lambda", params) is None:
             raise RecipeError(f"meav recipe: {where}: missing `lambda` (the signed coefficient of this vector)")
         transfer = _resolve(config, path, "transfer", params, False)
@@ -288,6 +298,22 @@ def validate_recipe(config) -> None:
                 "checkpoint add `unaligned: <path of the model it was trained from>`")
     if seen == 0:
         raise RecipeError("meav recipe: `models` lists no vector besides the base model")
+
+
+def _level_lambda(where: str, path: str, params: dict) -> float:
+    """``level: generic`` -> the λ the vector's calibration recorded for it, written into the entry."""
+    from meav_merge.vectors.calibration import resolve_level
+
+    if "lambda" in params:
+        raise RecipeError(f"meav recipe: {where}: give `lambda` or `level`, not both")
+    if not Path(path).exists():
+        raise RecipeError(f"meav recipe: {where}: no such directory")
+    if not is_vector_dir(path):
+        raise RecipeError(f"meav recipe: {where}: `level` needs an alignment vector with a calibration")
+    try:
+        return resolve_level(AlignmentVector.load(path).meta, params["level"], f"meav recipe: {where}")
+    except VectorError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _check_vector(where: str, path: str, target: str, transfer: bool) -> None:

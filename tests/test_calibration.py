@@ -1,0 +1,73 @@
+"""Vectors that know their levels: `meav calibrate` records them, `level:` in a recipe resolves them."""
+
+import json
+
+import pytest
+import torch
+
+from meav_merge.cli import main
+from meav_merge.vectors.alignment_vector import META_NAME, extract_vector
+from meav_merge.vectors.calibration import write_calibration
+from test_merge_method import run_mergekit, weights
+
+
+@pytest.fixture()
+def calibrated(tiny_dirs, tmp_path):
+    vec = extract_vector(tiny_dirs["aligned_a"], tiny_dirs["base"], tmp_path / "vec").path
+    write_calibration(vec, {"domain": "medical", "split": "validation", "n": 40, "lambdas": [-2.0, 0.0, 1.5],
+                            "levels": {"expert": {"lambda": 1.5, "fraction": 0.8},
+                                       "generic": {"lambda": -0.5, "fraction": 0.5}, "avoidance": None}})
+    return vec
+
+
+def test_level_in_a_recipe_merges_at_the_calibrated_lambda(tiny_dirs, calibrated, tmp_path):
+    recipe = {"merge_method": "meav", "base_model": str(tiny_dirs["base"]), "dtype": "float32",
+              "models": [{"model": str(calibrated), "parameters": {"level": "generic"}}]}
+    run_mergekit(recipe, tmp_path / "out", tmp_path)
+    base, aligned, merged = (weights(tiny_dirs["base"]), weights(tiny_dirs["aligned_a"]), weights(tmp_path / "out"))
+    for name, w in merged.items():
+        assert torch.allclose(w, base[name] - 0.5 * (aligned[name] - base[name]), atol=1e-6), name
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "-0.5 (level: generic, from the vector's calibration)" in card
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"level": "avoidance"}, "level 'avoidance' was never dominant"),
+    ({"level": "expert", "lambda": 1.0}, "give `lambda` or `level`, not both"),
+    ({"level": "expertt"}, "level 'expertt' is not one of"),
+])
+def test_level_errors_name_the_entry(tiny_dirs, calibrated, tmp_path, params, needle):
+    recipe = {"merge_method": "meav", "base_model": str(tiny_dirs["base"]),
+              "models": [{"model": str(calibrated), "parameters": params}]}
+    proc = run_mergekit(recipe, tmp_path / "out", tmp_path, check=False)
+    assert proc.returncode != 0 and needle in proc.stderr and "models[0]" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_uncalibrated_vector_with_level_is_refused(tiny_dirs, tmp_path):
+    vec = extract_vector(tiny_dirs["aligned_b"], tiny_dirs["base"], tmp_path / "plain").path
+    recipe = {"merge_method": "meav", "base_model": str(tiny_dirs["base"]),
+              "models": [{"model": str(vec), "parameters": {"level": "expert"}}]}
+    proc = run_mergekit(recipe, tmp_path / "out", tmp_path, check=False)
+    assert proc.returncode != 0 and "needs a calibrated vector; run `meav calibrate" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def search_setup(tmp_path_factory, tiny_tokenizer):
+    from test_search import build_setup
+
+    return build_setup(tmp_path_factory.mktemp("calib"), tiny_tokenizer)
+
+
+def test_calibrate_command_on_planted_vector(search_setup, capsys):
+    base, data, vectors = search_setup
+    assert main(["calibrate", str(vectors["medical"]), "--model", str(base), "--data", str(data),
+                 "--lambdas", "-3,-1,0,1,3"]) == 0
+    cal = json.loads((vectors["medical"] / META_NAME).read_text())["calibration"]
+    assert cal["split"] == "validation" and cal["n"] == 6
+    # the planted vector raises expert letters for λ > 0 and avoidance letters for λ < 0
+    assert cal["levels"]["expert"]["lambda"] > 0 or cal["levels"]["expert"]["lambda"] == 0
+    assert cal["levels"]["avoidance"]["lambda"] < 0
+    assert main(["vector", "info", str(vectors["medical"])]) == 0
+    out = capsys.readouterr().out
+    assert "calibration (validation, n=6)" in out and "avoidance" in out
