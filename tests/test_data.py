@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from meav_merge.cli.main import main
-from meav_merge.data.schema import (DataError, assign_splits, load_records, near_duplicates, read_jsonl, validate_file,
+from meav_merge.data.schema import (split_of, DataError, assign_splits, load_records, near_duplicates, read_jsonl, validate_file,
                              write_jsonl)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,13 +30,15 @@ def test_shipped_files_pass_with_counts_and_length_statistics(capsys):
     out = capsys.readouterr().out
     for domain in ("medical", "financial", "legal"):
         recs = load_records(DATA, domain)
-        assert len(recs) >= 150
+        assert len(recs) >= 400
         assert f"{domain:<12} expert longest" in out
         report = validate_file(DATA / f"{domain}.jsonl")
         st = report.length_stats()[domain]
         assert st["expert_longest"] <= 0.6 and st["avoidance_shortest"] <= 0.6
         splits = report.counts()[domain]
-        assert splits["test"] == round(len(recs) * 0.2) and splits["validation"] >= 1
+        # enough held-out queries that a fraction is not a coin flip (issue 13)
+        assert splits["test"] >= 80 and splits["validation"] >= 40
+        assert all(r.split == split_of(r.id) for r in report.records)
     assert len(load_records(DATA, "safety")) >= 150
     assert len(load_records(DATA, "helpfulness")) >= 100
 
