@@ -5,8 +5,13 @@ no torch, no mergekit, no lm_eval imports here. It installs a meta-path finder t
 runs a callback right after one of a few host modules finishes executing:
 
 - ``mergekit.merge_methods``  -> register the ``meav`` merge method.
+- ``mergekit.merge``          -> check that every local path of a ``meav`` recipe exists
+                                  before mergekit loads a config (a missing relative path
+                                  would otherwise end as a hub connection error).
 - ``mergekit.plan``           -> validate ``meav`` recipes before planning (mergekit
                                   silently ignores unknown parameter names).
+- ``mergekit.scripts.run_yaml`` -> plain ``mergekit-yaml`` reports a ``meav`` recipe error
+                                  as one line (exit 2), and says where it wrote.
 - ``mergekit.card``           -> write MEAV model cards for ``meav`` merges.
 - ``lm_eval.tasks.manager``   -> add the package's task folder to every TaskManager.
 - ``lm_eval.evaluator``       -> check the meav tasks' ``--metadata`` before the model loads.
@@ -32,6 +37,83 @@ def _register_method(module) -> None:
     from meav_merge.merge.method import register
 
     register(module)
+
+
+def missing_path_error(config) -> str | None:
+    """The first local path of a ``meav`` recipe that does not exist, as a one-line message.
+
+    ``meav`` recipes read only local directories (the base, vectors, ``unaligned``
+    checkpoints); mergekit would hand a missing one to the Hub as a repo id.
+    """
+    from pathlib import Path
+
+    from meav_merge.merge.method import iter_parameter_blocks
+
+    refs = [("base_model", config.base_model.model.path)] if config.base_model else []
+    for where, path, params in iter_parameter_blocks(config):
+        if path is not None:
+            refs.append((where.split(" (")[0], path))
+        unaligned = params.get("unaligned")
+        if isinstance(unaligned, str) and unaligned:
+            refs.append((f"{where.split(' (')[0]}.unaligned", unaligned))
+    for where, path in refs:
+        if not Path(path).exists():
+            folder = "" if Path(path).is_absolute() else f" (relative to the current folder {os.getcwd()})"
+            return f"meav recipe: {where}: {path}: no such directory{folder}"
+    return None
+
+
+_WROTE = []  # output folders of meav merges in this process, for the run_yaml wrapper's last line
+
+
+def _wrap_run_merge(module) -> None:
+    original = module.run_merge
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config, out_path, *args, **kwargs):
+        if merge_config.merge_method == "meav":
+            from meav_merge.merge.method import RecipeError, validate_recipe
+
+            # before mergekit reads a single config: a missing path is reported as missing,
+            # and every other recipe error before the loader cache warms up
+            message = missing_path_error(merge_config)
+            if message:
+                raise RecipeError(message)
+            validate_recipe(merge_config)
+        result = original(merge_config, out_path, *args, **kwargs)
+        if merge_config.merge_method == "meav":
+            _WROTE.append(out_path)
+        return result
+
+    run_merge._meav_wrapped = True
+    module.run_merge = run_merge
+
+
+def _wrap_run_yaml(module) -> None:
+    command = module.main  # a click command; its callback is the function click runs
+    original = command.callback
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def callback(*args, **kwargs):
+        from meav_merge.merge.method import RecipeError
+
+        try:
+            result = original(*args, **kwargs)
+        except RecipeError as e:  # ours: the message names the key and path; a traceback adds nothing
+            print(f"mergekit-yaml: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        if _WROTE:
+            from pathlib import Path
+
+            print(f"merged model written to {Path(_WROTE[-1]).resolve()}")
+        return result
+
+    callback._meav_wrapped = True
+    command.callback = callback
 
 
 def _wrap_planner(module) -> None:
@@ -105,7 +187,9 @@ def _wrap_simple_evaluate(module) -> None:
 
 CALLBACKS = {
     "mergekit.merge_methods": _register_method,
+    "mergekit.merge": _wrap_run_merge,
     "mergekit.plan": _wrap_planner,
+    "mergekit.scripts.run_yaml": _wrap_run_yaml,
     "mergekit.card": _wrap_card,
     "lm_eval.tasks.manager": _wrap_task_manager,
     "lm_eval.evaluator": _wrap_simple_evaluate,
