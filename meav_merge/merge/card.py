@@ -2,8 +2,8 @@
 
 mergekit writes README.md through ``mergekit.card.generate_card``; for ``meav``
 recipes the plugin routes that call here, so plain ``mergekit-yaml`` output carries
-every vector's λ and provenance. ``add_eval_results`` later fills the evaluation
-section (``meav card --results``). No Hub lookups are made.
+every vector's λ and provenance. ``card_results.add_eval_results`` later fills the
+evaluation section (``meav card --results``). No Hub lookups are made.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Optional
 
 import yaml
 
+from meav_merge.io.base_model import BASE_RECORD  # the Hub name `meav base` records
+from meav_merge.merge.card_results import EVAL_BEGIN, EVAL_END, add_eval_results, load_results  # noqa: F401
 from meav_merge.vectors.alignment_vector import META_NAME
-
-EVAL_BEGIN = "<!-- meav:eval:begin -->"
-EVAL_END = "<!-- meav:eval:end -->"
 
 WARNING = (
     "Alignment vectors are signed knobs: the same vector that makes a model more careful can, with a "
@@ -90,75 +89,149 @@ def output_name(name: Optional[str]) -> str:
 
 
 def merge_card(config, config_yaml: Optional[str] = None, name: Optional[str] = None, **_ignored) -> str:
+    """The README.md of a ``meav`` merge (mergekit's ``generate_card`` signature)."""
+    config, config_yaml = _recipe(config, config_yaml)
+    base = config.base_model.model.path if config.base_model else None
+    vectors = [(_provenance(p), p, params) for p, params in _entries(config)]
+    base_name = recorded_base_name(base, [meta for meta, _, _ in vectors]) if base else None
+    lines = [
+        "---", yaml.safe_dump(_front_matter(base_name), sort_keys=False).strip(), "---",
+        f"# {output_name(name)}",
+        "",
+        *_introduction(base, base_name),
+        *_vector_section(vectors),
+        *_evaluation_placeholder(),
+        *_use_and_misuse(),
+        *_recipe_section(config_yaml),
+    ]
+    return "\n".join(lines)
+
+
+def _recipe(config, config_yaml: Optional[str]):
     if config_yaml:
         # mergekit normalizes the config in place while planning (models -> module
         # slices); the recipe text is the faithful record of what the user wrote.
         from mergekit.config import MergeConfiguration
 
-        config = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
-    else:
-        config_yaml = config.to_yaml()
-    name = output_name(name)
-    base = config.base_model.model.path if config.base_model else "?"
-    entries = _entries(config)
-    metas = [(_provenance(p), p, params) for p, params in entries]
+        return MergeConfiguration.model_validate(yaml.safe_load(config_yaml)), config_yaml
+    return config, config.to_yaml()
 
-    front = {
-        "library_name": "transformers",
-        "tags": ["merge", "mergekit", "meav", "alignment-vectors"],
-        "base_model": [base],
-    }
-    rows = []
-    for meta, path, params in metas:
-        training = meta.get("training") or {}
-        data = training.get("data") or {}
-        rows.append(
-            "| {path} | {lam} | {kind} | {domain} | {pref} | {fp} | {data} | {train} |".format(
-                path=_fmt(path),
-                lam=_lambda_cell(path, params.get("lambda")),
-                kind=_fmt(meta.get("kind") or ("checkpoint − " + str(params.get("unaligned")) if params.get("unaligned") else "?")),
-                domain=_fmt(meta.get("domain")),
-                pref=_fmt(meta.get("preference")),
-                fp=_fmt(meta.get("base_fingerprint")),
-                data=_fmt(data.get("file_sha256", "")[:19] if data.get("file_sha256") else data.get("file")),
-                train=_fmt(", ".join(f"{k}={training[k]}" for k in ("loss_type", "beta", "learning_rate", "epochs", "train_scope") if k in training)),
-            )
-        )
-    transfer = [p for _, p, params in metas if params.get("transfer") or params.get("unaligned")]
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        f"# {name}",
-        "",
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HF_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
+
+
+def recorded_base_name(base: str, metas: list) -> Optional[str]:
+    """A name a reader can resolve on the Hub for the target model, if one was recorded.
+
+    Looked for, in order: the vectors' ``base_model_name``, the base folder's
+    ``meav_base.json`` (written by ``meav base``), a Hugging Face cache snapshot path,
+    and the config's ``_name_or_path``. A bare local path is never returned: on the Hub
+    it resolves to nothing, so the card keeps it under provenance instead.
+    """
+    for meta in metas:
+        if _HUB_ID.match(str(meta.get("base_model_name") or "")):
+            return meta["base_model_name"]
+    record = _read_json(Path(base) / BASE_RECORD)
+    if _HUB_ID.match(str(record.get("name") or "")):
+        return record["name"]
+    m = _HF_CACHE.search(str(Path(base).resolve()).replace("\\", "/"))
+    if m:
+        return f"{m['org']}/{m['name']}"
+    recorded = str(_read_json(Path(base) / "config.json").get("_name_or_path") or "")
+    if _HUB_ID.match(recorded) and not Path(recorded).exists():
+        return recorded
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _front_matter(base_name: Optional[str]) -> dict:
+    front = {"library_name": "transformers", "tags": ["merge", "mergekit", "meav", "alignment-vectors"]}
+    if base_name:
+        front["base_model"] = [base_name]
+    return front
+
+
+def _introduction(base: Optional[str], base_name: Optional[str]) -> list:
+    return [
         "A model edited with **MEAV** (Model Editing with Alignment Vectors) using "
         "[meav_merge](https://github.com/meav-merge/meav_merge) and [mergekit](https://github.com/arcee-ai/mergekit):",
         "",
         "θ = θ_target + Σ λ_i · AV_i,  AV_i = θ_aligned,i − θ_unaligned",
         "",
-        f"Target model (θ_target): `{base}`",
+        f"Target model (θ_target): {_target(base, base_name)}",
         "",
+    ]
+
+
+def _target(base: Optional[str], base_name: Optional[str]) -> str:
+    if base is None:
+        return "?"
+    from meav_merge.io.checkpoint import CheckpointError, fingerprint
+
+    try:
+        fp = fingerprint(base)
+    except (CheckpointError, OSError, ValueError):
+        fp = None
+    local = f"local path `{base}`" + (f", fingerprint {fp}" if fp else "")
+    if base_name:
+        return f"`{base_name}` (provenance: {local})"
+    return f"`{base}` (provenance: {local}; no Hub name was recorded for it)"
+
+
+def _vector_section(vectors: list) -> list:
+    lines = [
         "## Alignment vectors",
         "",
         "| vector | λ | kind | domain | preference | base fingerprint | data | training |",
         "|---|---|---|---|---|---|---|---|",
-        *rows,
+        *(_vector_row(meta, path, params) for meta, path, params in vectors),
         "",
         "λ > 0 moves a domain toward the preferred responses the vector was trained on (expert), "
         "λ < 0 toward the dispreferred ones (avoidance); values in between give generic behaviour.",
     ]
+    transfer = [p for _, p, params in vectors if params.get("transfer") or params.get("unaligned")]
     if transfer:
         lines += ["", "Transferred vectors (measured from a model other than the target): "
                   + ", ".join(f"`{p}`" for p in transfer) + "."]
-    lines += [
-        "",
+    return lines + [""]
+
+
+def _vector_row(meta: dict, path: str, params: dict) -> str:
+    training = meta.get("training") or {}
+    data = training.get("data") or {}
+    kind = meta.get("kind") or ("checkpoint − " + str(params.get("unaligned")) if params.get("unaligned") else "?")
+    keys = ("loss_type", "beta", "learning_rate", "epochs", "train_scope")
+    cells = [
+        _fmt(path), _lambda_cell(path, params.get("lambda")), _fmt(kind), _fmt(meta.get("domain")),
+        _fmt(meta.get("preference")), _fmt(meta.get("base_fingerprint")),
+        _fmt(data.get("file_sha256", "")[:19] if data.get("file_sha256") else data.get("file")),
+        _fmt(", ".join(f"{k}={training[k]}" for k in keys if k in training)),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _evaluation_placeholder() -> list:
+    return [
         "## Evaluation",
         "",
         EVAL_BEGIN,
-        "No evaluation recorded yet. Run `lm_eval --model hf --model_args pretrained=<this dir> --tasks meav_pref` "
-        "and `meav card --results <results.json> <this dir>` to add it here.",
+        "No evaluation recorded yet. Run `lm_eval --model hf --model_args pretrained=<this dir> --tasks meav_pref "
+        "--output_path <results dir>` and `meav card <this dir> --results <results dir>` to add it here.",
         EVAL_END,
         "",
+    ]
+
+
+def _use_and_misuse() -> list:
+    return [
         "## Intended use",
         "",
         "Research and prototyping of inference-time preference control: choosing how specialised a model's "
@@ -168,6 +241,11 @@ def merge_card(config, config_yaml: Optional[str] = None, name: Optional[str] = 
         "",
         WARNING,
         "",
+    ]
+
+
+def _recipe_section(config_yaml: str) -> list:
+    return [
         "## Recipe",
         "",
         "Reproduce with `mergekit-yaml recipe.yaml OUT` (with meav_merge installed):",
@@ -177,25 +255,3 @@ def merge_card(config, config_yaml: Optional[str] = None, name: Optional[str] = 
         "```",
         "",
     ]
-    return "\n".join(lines)
-
-
-def add_eval_results(model_dir: str | Path, results: dict) -> Path:
-    """Replace the card's evaluation section with a table of lm-eval style results."""
-    card = Path(model_dir) / "README.md"
-    text = card.read_text() if card.is_file() else ""
-    table = ["| task | metric | value |", "|---|---|---|"]
-    for task, metrics in sorted((results.get("results") or results).items()):
-        for metric, value in sorted(metrics.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
-                table.append(f"| {task} | {metric.split(',')[0]} | {value:.3f} |")
-    block = "\n".join([EVAL_BEGIN, "Preference accuracy (fraction of test queries whose highest token-mean "
-                       "log-probability response is at each level):", "", *table, EVAL_END])
-    if EVAL_BEGIN in text and EVAL_END in text:
-        text = re.sub(re.escape(EVAL_BEGIN) + ".*?" + re.escape(EVAL_END), lambda _: block, text, flags=re.S)
-    else:
-        text = text + "\n## Evaluation\n\n" + block + "\n"
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(card)
-    return card
