@@ -75,7 +75,7 @@ def _reply(level: str, query: str):
 
 
 def backend(stub, **kw) -> OpenAICompatibleBackend:
-    kw = {"timeout": 5, "backoff": 0.01, **kw}
+    kw = {"timeout": 5, **kw}
     return OpenAICompatibleBackend(stub.base_url, "stub-model", api_key_env="MEAV_TEST_KEY", **kw)
 
 

@@ -1,32 +1,21 @@
-"""A minimal chat-completion client: one interface, two backends.
+"""A chat-completion client: one interface, two backends.
 
-``OpenAICompatibleBackend`` speaks the OpenAI chat-completions protocol over plain
-HTTP (standard library only), so it works with OpenAI, vLLM, llama.cpp's server,
-TGI, LiteLLM, Ollama's /v1 and the like. ``TransformersBackend`` runs a local Hugging
-Face causal LM on CPU. Both return a ``ChatResult``; callers need nothing else.
-
-Transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with
-exponential backoff and jitter, honouring ``Retry-After``; any other HTTP error means
-the request itself is wrong (bad model name, bad key), so it fails at once.
+``OpenAICompatibleBackend`` is the ``openai`` SDK pointed at any ``base_url`` (OpenAI,
+vLLM, llama.cpp's server, TGI, LiteLLM, Ollama's /v1 and the like). The SDK retries
+connection errors, timeouts, HTTP 408/409/429 and 5xx with exponential backoff and
+jitter, honouring ``Retry-After``; any other HTTP error means the request itself is
+wrong (bad model name, bad key), so it fails at once. ``TransformersBackend`` runs a
+local Hugging Face causal LM on CPU. Both return a ``ChatResult``; callers need nothing else.
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import json
 import os
-import random
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
-
-MAX_RETRY_AFTER_S = 300.0  # never sleep longer than this on a server's say-so
 
 
 @dataclass
@@ -51,31 +40,9 @@ class LLMUnavailableError(LLMError):
     """Transient failures persisted through every retry."""
 
 
-class _Transient(Exception):
-    def __init__(self, reason: str, retry_after: Optional[float] = None):
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-def _parse_retry_after(value: Optional[str]) -> Optional[float]:
-    """Retry-After is either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _server_message(body: bytes) -> str:
+def _server_message(body: str) -> str:
     """The error text an OpenAI-style server put in its body, on one line."""
-    text = body.decode("utf-8", "replace").strip()
+    text = body.strip()
     try:
         err = json.loads(text).get("error")
         if isinstance(err, dict) and err.get("message"):
@@ -88,83 +55,56 @@ def _server_message(body: bytes) -> str:
 
 
 class OpenAICompatibleBackend:
-    """POST ``{base_url}/chat/completions``; ``base_url`` usually ends in ``/v1``."""
+    """``POST {base_url}/chat/completions`` through the ``openai`` SDK; ``base_url`` usually ends in ``/v1``."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60,
-                 max_retries: int = 5, backoff: float = 1.0):
+                 max_retries: int = 5):
+        import openai
+
         if not base_url.startswith(("http://", "https://")):
             raise LLMError(f"base URL must start with http:// or https://, not {base_url!r}")
         if not model:
             raise LLMError("no model name given for the OpenAI-compatible endpoint")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
         self.max_retries = max_retries
-        self.backoff = backoff
-        self._jitter = random.Random()
+        key = os.environ.get(api_key_env) if api_key_env else None
+        # Local servers usually need no key: then no Authorization header at all (the SDK
+        # insists on a key unless the header is explicitly omitted per request).
+        self._headers = {} if key else {"Authorization": openai.Omit()}
+        self._client = openai.OpenAI(base_url=base_url, api_key=key or "unused", timeout=timeout,
+                                     max_retries=max_retries)
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleBackend({self.url!r}, model={self.model!r})"
 
-    def _headers(self) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:  # local servers usually need none
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
     def complete(self, messages: List[dict], *, max_tokens: int = 512, temperature: float = 0.7,
                  seed: Optional[int] = None) -> ChatResult:
-        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        if seed is not None:
-            payload["seed"] = seed
-        body = json.dumps(payload).encode("utf-8")
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._post_once(body)
-            except _Transient as e:
-                last = str(e)
-                if attempt == self.max_retries:
-                    break
-                delay = self.backoff * 2**attempt * self._jitter.uniform(0.5, 1.5)
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, MAX_RETRY_AFTER_S))
-                time.sleep(delay)
-        raise LLMUnavailableError(f"POST {self.url}: gave up after {self.max_retries + 1} attempts ({last})")
+        import openai
 
-    def _post_once(self, body: bytes) -> ChatResult:
-        request = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
+        extra = {} if seed is None else {"seed": seed}
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            try:
-                detail = _server_message(e.read() if e.fp else b"")
-            except (OSError, http.client.HTTPException):  # the error body itself was cut off
-                detail = ""
-            if e.code == 429 or e.code >= 500:
-                raise _Transient(f"HTTP {e.code}: {detail}", _parse_retry_after(e.headers.get("Retry-After")))
-            raise LLMRequestError(f"POST {self.url}: HTTP {e.code} {e.reason}: {detail or 'no details'}",
-                                  e.code) from None
-        except urllib.error.URLError as e:  # refused, DNS, timeout while connecting
-            raise _Transient(f"connection failed: {e.reason}") from None
-        except (TimeoutError, socket.timeout):
-            raise _Transient(f"no answer within {self.timeout:g} s") from None
-        except (ConnectionError, http.client.HTTPException) as e:  # dropped mid-answer
-            raise _Transient(f"connection dropped: {type(e).__name__}") from None
-        return self._parse(raw)
+            reply = self._client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                         temperature=temperature, extra_headers=self._headers,
+                                                         **extra)
+        except openai.APIStatusError as e:
+            detail = _server_message(e.response.text) or "no details"
+            if e.status_code in (408, 409, 429) or e.status_code >= 500:
+                raise self._gave_up(f"HTTP {e.status_code}: {detail}") from None
+            raise LLMRequestError(f"POST {self.url}: HTTP {e.status_code} {e.response.reason_phrase}: {detail}",
+                                  e.status_code) from None
+        except openai.APITimeoutError:
+            raise self._gave_up("no answer in time") from None
+        except openai.APIConnectionError as e:
+            raise self._gave_up(f"connection failed: {e.__cause__ or e}") from None
+        try:
+            choice = reply.choices[0]
+            return ChatResult(text=choice.message.content or "", finish_reason=str(choice.finish_reason or "stop"))
+        except (AttributeError, IndexError, TypeError):
+            raise LLMError(f"POST {self.url}: not an OpenAI chat-completions answer: {str(reply)[:200]!r}") from None
 
-    def _parse(self, raw: bytes) -> ChatResult:
-        try:
-            choice = json.loads(raw)["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
-            finish = choice.get("finish_reason") or "stop"
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            snippet = " ".join(raw.decode("utf-8", "replace").split())[:200]
-            raise LLMError(f"POST {self.url}: not an OpenAI chat-completions answer: {snippet!r}") from None
-        return ChatResult(text=text, finish_reason=str(finish))
+    def _gave_up(self, last: str) -> LLMUnavailableError:
+        return LLMUnavailableError(f"POST {self.url}: gave up after {self.max_retries + 1} attempts ({last})")
 
 
 class TransformersBackend:
@@ -173,6 +113,8 @@ class TransformersBackend:
     def __init__(self, model_dir: str, device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from meav_merge.evaluation.generation import pad_token_id, stop_token_ids
 
         path = Path(model_dir)
         if not path.is_dir():
@@ -184,12 +126,8 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
                                                           use_safetensors=True).to(device).eval()
         self.device = device
-        gen_eos = self.model.generation_config.eos_token_id
-        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
-        tok_eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.eos_ids = sorted(set(gen_eos + tok_eos))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
-            (self.eos_ids[0] if self.eos_ids else 0)
+        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
+        self.pad_id = pad_token_id(self.tokenizer, self.eos_ids)
         # One generation at a time: torch already uses every core for one, and the
         # seeded RNG in complete() must not be shared between threads.
         self._lock = threading.Lock()
@@ -197,17 +135,12 @@ class TransformersBackend:
     def __repr__(self) -> str:
         return f"TransformersBackend({self.model_dir!r})"
 
-    def _prompt(self, messages: List[dict]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # Base models without a template: a plain transcript.
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return "\n\n".join(lines) + "\n\nAssistant:"
-
     def complete(self, messages: List[dict], *, max_tokens: int = 512, temperature: float = 0.7,
                  seed: Optional[int] = None) -> ChatResult:
         import torch
         from transformers import GenerationConfig
+
+        from meav_merge.evaluation.scoring import chat_prompt
 
         sampling = temperature > 0
         # A fresh config, so a checkpoint's own sampling defaults (top_p, ...) cannot leak in.
@@ -217,7 +150,7 @@ class TransformersBackend:
                                   pad_token_id=self.pad_id)
         # The tokenizer is inside the lock too: a fast tokenizer is not safe to share between threads.
         with self._lock, torch.random.fork_rng(devices=[]), torch.no_grad():
-            enc = self.tokenizer(self._prompt(messages), return_tensors="pt", add_special_tokens=False)
+            enc = self.tokenizer(chat_prompt(self.tokenizer, messages), return_tensors="pt", add_special_tokens=False)
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(**{k: v.to(self.device) for k, v in enc.items()}, generation_config=config)
