@@ -10,6 +10,7 @@ embedding scaling (Llama, Mistral, Qwen2/3 layouts).
 from __future__ import annotations
 
 import copy
+import functools
 
 from torch import nn
 
@@ -50,3 +51,20 @@ def _renumbered(layer: nn.Module, idx: int) -> nn.Module:
     attn.layer_idx = idx
     view._modules["self_attn"] = attn
     return view
+
+
+@functools.lru_cache(maxsize=1)
+def cache_arg() -> str:
+    """The keyword a decoder's forward takes its KV cache by: transformers 5.x renamed
+    ``past_key_values`` to ``cache`` and warns (FutureWarning) on the old name."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def kv_cache(out):
+    """The KV cache a forward pass returned, under either name (reading ``out.past_key_values``
+    on transformers 5.x warns as well)."""
+    return out.get(cache_arg())

@@ -20,14 +20,21 @@ import torch
 from tqdm.auto import tqdm
 
 from meav_merge.data.schema import Record
+from meav_merge.layers import cache_arg, kv_cache
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict]) -> str:
+    """The model's chat template up to the assistant's turn. A base model without a template
+    gets a plain transcript ("User: ...\n\nAssistant:"); scoring, generation and synthesis
+    all prompt through here, so they agree on it."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
 
 
 def chat_context(tokenizer, query: str, system: Optional[str] = None) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": query}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # Base models without a template: a plain transcript.
-    return (f"{system}\n\n" if system else "") + f"Question: {query}\nAnswer:"
+    return chat_prompt(tokenizer, messages)
 
 
 def tok_encode(tokenizer, string: str, add_bos_token: Optional[bool] = None) -> List[int]:
@@ -118,7 +125,7 @@ def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[L
     first_logp = torch.log_softmax(last, dim=-1)
     rows = [(qi, c) for qi, q in enumerate(queries) for c in q.continuations]
     owner = torch.tensor([qi for qi, _ in rows], device=device)
-    cache = out.past_key_values
+    cache = kv_cache(out)
     cache.reorder_cache(owner)  # one KV copy per response, taken from its query's context
     width = max(len(c) for _, c in rows)
     scores: List[List[float]] = [[] for _ in queries]
@@ -128,7 +135,7 @@ def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[L
         for r, (qi, c) in enumerate(rows):
             ids[r, : len(c) - 1] = torch.tensor(c[:-1], device=device)
         pos, mask = continuation_layout([lc[qi] for qi, _ in rows], [len(c) - 1 for _, c in rows], width_c, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_arg(): cache},
                        use_cache=False).logits
     for r, (qi, c) in enumerate(rows):
         token_logps = [first_logp[qi, c[0]]]
@@ -158,17 +165,16 @@ def mean_logprobs(model, tokenizer, prepared: Sequence[PreparedQuery], progress:
     return out
 
 
+def winners(scores: Sequence[Sequence[float]], levels: Sequence[str]) -> List[str]:
+    """The level of each query's highest-scoring response (MEAV Eq. 4; the first on a tie)."""
+    return [levels[max(range(len(row)), key=row.__getitem__)] for row in scores]
+
+
 def preference_accuracy(scores: Sequence[Sequence[float]], levels: Sequence[str]) -> Dict[str, float]:
     """Fraction of queries whose highest-scoring response is at each level (sums to 1)."""
-    wins = {lv: 0 for lv in levels}
-    for row in scores:
-        wins[levels[max(range(len(row)), key=lambda i: row[i])]] += 1
-    n = max(1, len(scores))
-    return {lv: wins[lv] / n for lv in levels}
-
-
-def winners(scores: Sequence[Sequence[float]], levels: Sequence[str]) -> List[str]:
-    return [levels[max(range(len(row)), key=lambda i: row[i])] for row in scores]
+    won = winners(scores, levels)
+    n = max(1, len(won))
+    return {lv: won.count(lv) / n for lv in levels}
 
 
 def dominant(fractions: Dict[str, float]) -> Optional[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from meav_merge.evaluation.scoring import continuation_layout
-from meav_merge.layers import SUPPORTED_MODEL_TYPES, sub_model
+from meav_merge.layers import SUPPORTED_MODEL_TYPES, cache_arg, kv_cache, sub_model
 
 
 def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer"]:
@@ -64,7 +64,7 @@ class TopLayerScorer:
         if key not in self.states:
             out = self.trunk(input_ids=torch.tensor([q.context_ids]), use_cache=True)
             # a response's inputs are its tokens but the last (which nothing after it predicts)
-            resp = [self.trunk(input_ids=torch.tensor([c[:-1]]), past_key_values=copy.deepcopy(out.past_key_values),
+            resp = [self.trunk(input_ids=torch.tensor([c[:-1]]), **{cache_arg(): copy.deepcopy(kv_cache(out))},
                                use_cache=True).last_hidden_state[0] if len(c) > 1 else out.last_hidden_state[0, :0]
                     for c in q.continuations]
             self.states[key] = (out.last_hidden_state[0], resp)
@@ -94,9 +94,9 @@ class TopLayerScorer:
             for j, r in enumerate(batch):
                 emb[j, : len(rows[r][2])] = rows[r][2]
             pos, mask = continuation_layout([lc[rows[r][0]] for r in batch], [len(rows[r][2]) for r in batch], width_c)
-            cache = copy.deepcopy(out.past_key_values)
+            cache = copy.deepcopy(kv_cache(out))
             cache.reorder_cache(owner[batch])  # each row gets its own query's context KV
-            hidden = self.top(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            hidden = self.top(inputs_embeds=emb, attention_mask=mask, position_ids=pos, **{cache_arg(): cache},
                               use_cache=False).last_hidden_state
             picked = torch.cat([hidden[j, : len(rows[r][2])] for j, r in enumerate(batch)])
             targets = torch.tensor([t for r in batch for t in rows[r][1][1:]])

@@ -17,12 +17,12 @@ scaling (Llama, Mistral, Qwen2/3 layouts); other models train through plain trl.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from meav_merge.layers import SUPPORTED_MODEL_TYPES, config_with_layers, sub_model
+from meav_merge.layers import SUPPORTED_MODEL_TYPES, cache_arg, config_with_layers, kv_cache, sub_model
 
 
 
@@ -66,9 +66,9 @@ class TrunkEmbedding(nn.Module):
             pkey = ids[:n].cpu().numpy().tobytes()
             if pkey not in self._prefix_state:
                 out = self._trunk(input_ids=ids[None, :n], use_cache=True)
-                self._prefix_state[pkey] = (out.last_hidden_state[0], out.past_key_values)
+                self._prefix_state[pkey] = (out.last_hidden_state[0], kv_cache(out))
             h_prefix, kv = self._prefix_state[pkey]
-            rest = self._trunk(input_ids=ids[None, n:], past_key_values=copy.deepcopy(kv), use_cache=True)
+            rest = self._trunk(input_ids=ids[None, n:], **{cache_arg(): copy.deepcopy(kv)}, use_cache=True)
             cached = torch.cat([h_prefix, rest.last_hidden_state[0]])
         else:
             cached = self._trunk(input_ids=ids[None]).last_hidden_state[0]
@@ -99,9 +99,9 @@ class TrunkEmbedding(nn.Module):
                 for i, t in enumerate(tails):
                     ids[i, : len(t)] = torch.tensor(t)
                     mask[i, len(prompt): len(prompt) + len(t)] = 1
-                kv = copy.deepcopy(out.past_key_values)
+                kv = copy.deepcopy(kv_cache(out))
                 kv.batch_repeat_interleave(len(chunk))
-                h = self._trunk(input_ids=ids, attention_mask=mask, past_key_values=kv, use_cache=True).last_hidden_state
+                h = self._trunk(input_ids=ids, attention_mask=mask, **{cache_arg(): kv}, use_cache=True).last_hidden_state
                 for i, (r, t) in enumerate(zip(chunk, tails)):
                     self.cache[torch.tensor(r).numpy().tobytes()] = torch.cat([h_prompt, h[i, : len(t)]])
 
