@@ -15,6 +15,8 @@ runs a callback right after one of a few host modules finishes executing:
 - ``mergekit.card``           -> write MEAV model cards for ``meav`` merges.
 - ``lm_eval.tasks.manager``   -> add the package's task folder to every TaskManager.
 - ``lm_eval.evaluator``       -> check the meav tasks' ``--metadata`` before the model loads.
+- ``lm_eval.loggers.utils``   -> ask git for the commit hash without letting it print
+                                  "fatal: not a git repository" outside a repository.
 
 Every wrapper passes straight through unless the recipe's method is ``meav`` (or,
 for lm-eval, only adds a search path), so other merges are byte-for-byte unchanged.
@@ -185,6 +187,26 @@ def _wrap_simple_evaluate(module) -> None:
     module.simple_evaluate = simple_evaluate
 
 
+def _quiet_git_hash(module) -> None:
+    original = module.get_git_commit_hash
+    if getattr(original, "_meav_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def get_git_commit_hash():
+        # lm-eval's own code, with git's stderr discarded: run outside a repository (any
+        # user's folder) git prints "fatal: not a git repository", which reads as an error
+        import subprocess
+
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return module.get_commit_from_path(os.getcwd())
+
+    get_git_commit_hash._meav_wrapped = True
+    module.get_git_commit_hash = get_git_commit_hash
+
+
 CALLBACKS = {
     "mergekit.merge_methods": _register_method,
     "mergekit.merge": _wrap_run_merge,
@@ -193,6 +215,7 @@ CALLBACKS = {
     "mergekit.card": _wrap_card,
     "lm_eval.tasks.manager": _wrap_task_manager,
     "lm_eval.evaluator": _wrap_simple_evaluate,
+    "lm_eval.loggers.utils": _quiet_git_hash,
 }
 
 
