@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from meav_merge.resources import DEFAULT_MODEL_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "smollm2-135m-instruct"
+MODEL = ROOT / DEFAULT_MODEL_DIR
 
 
 def run_measured(cmd, env=None) -> tuple[float, float]:

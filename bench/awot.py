@@ -22,10 +22,10 @@ def main(argv=None) -> int:
 
     from meav_merge.awot import AWOTConfig, AWOTSteering, load_causal_lm, manual_anchors
     from meav_merge.awot.evaluate import format_prompt, generate, read_openings
-    from meav_merge.resources import data_dir
+    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--alpha", type=float, default=2.0)

@@ -8,20 +8,12 @@ import numpy as np
 import pytest
 
 from meav_merge.data.schema import load_records
-from meav_merge.evaluation.judge import (
-    LEVELS,
-    UNPARSED,
-    Answer,
-    JudgeError,
-    LevelClassifier,
-    LLMJudge,
-    add_cli,
-    default_classifier,
-    generate_answers,
-    judged_accuracy,
-    parse_label,
-)
-from meav_merge.evaluation.level_classifier import proficiency_records, response_answers
+from meav_merge.cli.judge import add_cli
+from meav_merge.evaluation.generation import generate_answers
+from meav_merge.evaluation.judge import judged_accuracy
+from meav_merge.evaluation.level_classifier import (LEVELS, UNPARSED, Answer, JudgeError, LevelClassifier,
+                                                    default_classifier, proficiency_records, response_answers)
+from meav_merge.evaluation.llm_judge import LLMJudge, parse_label
 from meav_merge.resources import data_dir
 
 DOMAINS = ("medical", "financial", "legal")
@@ -54,7 +46,7 @@ def untied_dir(tmp_path_factory, tiny_tokenizer):
 def test_classifier_learns_the_levels_on_held_out_responses(classifier):
     held = classifier.heldout
     print(f"\nheld-out accuracy: {held}")
-    assert held["split"] == "test" and held["n"] == 3 * 32 * len(DOMAINS)
+    assert held["split"] == "test" and held["n"] == 3 * len(proficiency_records(data_dir(), "test"))
     assert held["overall"] >= 0.7  # chance is 1/3
     assert all(acc >= 0.6 for acc in held["per_level"].values())
     # and it is a real classifier: recomputing on the test records gives the same numbers
@@ -311,9 +303,13 @@ def test_cli_writes_answers_and_fractions(untied_dir, tmp_path, capsys, classifi
 
 def test_cli_rejects_bad_arguments(untied_dir, tmp_path):
     p = _parser()
-    args = p.parse_args(["judge", "--model", str(untied_dir), "--domain", "legal", "--vector", "v",
+    args = p.parse_args(["judge", "--model", str(untied_dir), "--domain", "legal", "--vector", "v=dir",
                          "--out", str(tmp_path / "o")])
-    with pytest.raises(JudgeError, match="one --lambda per --vector"):
+    with pytest.raises(ValueError, match="--lambda: give one NAME=VALUE per --vector"):
+        args.func(args)
+    args = p.parse_args(["judge", "--model", str(untied_dir), "--domain", "legal", "--vector", "v=dir",
+                         "--lambda", "w=1", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=r"vectors: v; got: w"):
         args.func(args)
     args = p.parse_args(["judge", "--model", str(untied_dir), "--domain", "legal", "--judge", "llm",
                          "--out", str(tmp_path / "o")])

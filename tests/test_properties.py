@@ -68,7 +68,7 @@ def test_lambda_lists_are_finite_or_a_one_line_error(spec):
 @settings(max_examples=40, **SETTINGS)
 @given(coefficient_text.filter(lambda s: "\x00" not in s))
 def test_sweep_command_line_names_lambdas_or_gets_past_them(spec):
-    rc, _, err = cli("sweep", f"--lambdas={spec}", "--vector", "/nonexistent-vector", "--data", "d", "--out", "o")
+    rc, _, err = cli("sweep", f"--lambdas={spec}", "--vector", "medical=/nonexistent-vector", "--data", "d", "--out", "o")
     assert rc == 2
     (line,) = lines(err)
     try:

@@ -87,14 +87,14 @@ def test_nonfinite_lambda_is_refused_by_plain_mergekit_yaml(tiny_dirs, vector, t
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["sweep", "--vector", "v", "--data", "d", "--out", "o", "--lambdas", "nan,1"], "argument --lambdas"),
-    (["sweep", "--vector", "v", "--data", "d", "--out", "o", "--lambdas", "0:inf:1"], "argument --lambdas: stop"),
-    (["sweep", "--vector", "v", "--data", "d", "--out", "o", "--lambdas", "0:1e9:1e-9"], "10000 points"),
+    (["sweep", "--vector", "v=v", "--data", "d", "--out", "o", "--lambdas", "nan,1"], "argument --lambdas"),
+    (["sweep", "--vector", "v=v", "--data", "d", "--out", "o", "--lambdas", "0:inf:1"], "argument --lambdas: stop"),
+    (["sweep", "--vector", "v=v", "--data", "d", "--out", "o", "--lambdas", "0:1e9:1e-9"], "10000 points"),
     (["awot", "generate", "--model", "m", "--prompt", "p", "--alpha", "nan"], "argument --alpha"),
     (["awot", "generate", "--model", "m", "--prompt", "p", "--penalty", "-inf"], "argument --penalty"),
     (["awot", "generate", "--model", "m", "--prompt", "p", "--steps", "1e3"], "argument --steps"),
     (["search", "--vector", "medical=v", "--out", "o", "--high", "inf"], "argument --high"),
-    (["judge", "--domain", "medical", "--out", "o", "--vector", "v", "--lambda", "nan"], "argument --lambda"),
+    (["judge", "--domain", "medical", "--out", "o", "--vector", "v=v", "--lambda", "v=nan"], "argument --lambda"),
 ])
 def test_nonfinite_command_line_numbers_fail_naming_the_option(argv, needle):
     rc, _, err = cli(*argv)

@@ -41,7 +41,7 @@ def load_docs(domain: str, pretrained=None, tokenizer=None, system: str | None =
 
 @lru_cache(maxsize=1)
 def _classifier():
-    from meav_merge.evaluation.judge import default_classifier
+    from meav_merge.evaluation.level_classifier import default_classifier
 
     return default_classifier()
 
@@ -61,7 +61,7 @@ def _heldout(domain: str) -> float:
 
 
 def process_results(doc: dict, results: list) -> dict:
-    from meav_merge.evaluation.judge import Answer
+    from meav_merge.evaluation.level_classifier import Answer
 
     clf = _classifier()
     answer = Answer(id=doc["id"], domain=doc["domain"], query=doc["query"], text=results[0].strip())

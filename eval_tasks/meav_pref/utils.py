@@ -35,7 +35,7 @@ from typing import Dict, List
 import datasets
 
 from meav_merge.data.schema import levels_for, load_records
-from meav_merge.evaluation.scoring import chat_context, encode_pair
+from meav_merge.evaluation.scoring import chat_context, encode_pair, winners
 from meav_merge.evaluation.task_metadata import SHORT, check_task_metadata
 from meav_merge.resources import data_dir
 
@@ -115,8 +115,7 @@ def process_results(doc, results) -> Dict[str, float]:
     ws_ll = lls[len(doc["choices"])] if doc["n_whitespace"] else 0.0
     n_ws = doc["n_whitespace"]
     means = [(ll - ws_ll) / (n - n_ws) for ll, n in zip(lls, doc["n_tokens"])]
-    best = max(range(len(means)), key=means.__getitem__)
-    won = doc["levels"][best]
+    (won,) = winners([means], doc["levels"])
     out = {metric_name(lv): float(lv == won) for lv in doc["levels"]}
     out["pref_acc_target"] = float(won == doc["target"])
     return out

@@ -18,7 +18,6 @@ timing setting; larger batches (left-padded) only make the evaluation faster.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from meav_merge.awot import AWOTConfig, AWOTSteering, Anchors, load_causal_lm, manual_anchors
 from meav_merge.data.schema import iter_jsonl
+from meav_merge.io.rows import write_rows_csv
 
 BASE_PROMPT = "Here is a movie review from imdb: {text}"
 # Appendix A.2 (adapted by the authors from the LLaMA2 safety prompt).
@@ -51,18 +51,22 @@ class EvalInputError(ValueError):
 
 @dataclass
 class SentimentEvalConfig:
-    n: int = 100  # prompts (the first n of the file)
-    max_new_tokens: int = 48
-    repetition_penalty: float = 1.5  # paper, Appendix B.3
-    alpha: float = 2.0  # paper: sentiment α = 2.0, n = 60
-    steps: int = 60
-    penalty: float = 0.0
-    anchors: str = "sentiment"  # named set or JSON file
-    best_of: int = 4
-    prompt_format: str = "chat"
-    seed: int = 0
-    batch_size: int = 1  # prompts per generate() call (1 = the paper's timing setting)
-    methods: Tuple[str, ...] = field(default=())  # default: all
+    n: int = field(default=100, metadata={"help": "number of prompts (the first N of the file)"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per reply"})
+    repetition_penalty: float = field(default=1.5, metadata={"help": "paper, Appendix B.3: 1.5", "positive": True})
+    alpha: float = field(default=2.0, metadata={"help": "AWOT step size α (paper: 2.0 for sentiment)", "minimum": 0})
+    steps: int = field(default=60, metadata={"help": "AWOT ascent steps n (paper: 60)", "minimum": 0})
+    penalty: float = field(default=0.0, metadata={"help": "λ of AWOT's L2 penalty", "minimum": 0})
+    anchors: str = field(default="sentiment", metadata={"help": "named anchor set or JSON word file"})
+    best_of: int = field(default=4, metadata={"help": "samples per prompt for the best-of-N baseline"})
+    prompt_format: str = field(default="chat", metadata={
+        "help": "prompt as the chat user message or as a raw continuation prompt", "choices": PROMPT_FORMATS,
+        "flags": ("--format", "--prompt-format")})
+    seed: int = field(default=0, metadata={"help": "sampling seed", "minimum": 0})
+    batch_size: int = field(default=1, metadata={
+        "help": "prompts per generate() call (1: the paper's timing setting; more: faster)"})
+    methods: Tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated subset of methods (default: all; base always runs, it is the timing reference)"})
 
     def __post_init__(self):
         if self.prompt_format not in PROMPT_FORMATS:
@@ -136,14 +140,6 @@ class Generation:
     cpu_seconds: float  # process CPU time (all threads) of the call
 
 
-def _n_generated(row: torch.Tensor, eos_ids: Sequence[int]) -> int:
-    """Tokens up to and including the first end-of-sequence token."""
-    for i, t in enumerate(row.tolist()):
-        if t in eos_ids:
-            return i + 1
-    return len(row)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Union[str, Sequence[str]], max_new_tokens: int,
              repetition_penalty: float = 1.5, sample: bool = False, num_return_sequences: int = 1,
@@ -153,20 +149,15 @@ def generate(model, tokenizer, prompts: Union[str, Sequence[str]], max_new_token
     Prompts are left-padded into one batch; with ``num_return_sequences`` the outputs
     come grouped by prompt. A count includes the end-of-sequence token when one was made.
     """
+    from meav_merge.evaluation.generation import cut_at_stop, left_padded, pad_token_id, stop_token_ids
     from meav_merge.evaluation.scoring import tok_encode
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tok_encode(tokenizer, p) for p in prompts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):  # left padding: every row's next token is at the same column
-        ids[i, width - len(e):] = torch.tensor(e, device=device)
-        mask[i, width - len(e):] = 1
+    stop = stop_token_ids(model, tokenizer)
+    pad = pad_token_id(tokenizer, stop)
+    ids, mask = left_padded([tok_encode(tokenizer, p) for p in prompts], pad, next(model.parameters()).device)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
-                  pad_token_id=pad, attention_mask=mask)
+                  pad_token_id=pad, eos_token_id=stop or None, attention_mask=mask)
     if sample:  # plain ancestral sampling, no truncation
         kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=num_return_sequences)
     else:
@@ -176,11 +167,11 @@ def generate(model, tokenizer, prompts: Union[str, Sequence[str]], max_new_token
     start, cpu_start = time.perf_counter(), time.process_time()
     out = model.generate(ids, **kwargs)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-    new = out[:, width:]
-    counts = [_n_generated(row, eos_ids) for row in new]
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, counts)]
+    texts, counts = [], []
+    for row in out[:, ids.shape[1]:].tolist():
+        kept, stopped = cut_at_stop(row, stop)
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        counts.append(len(kept) + stopped)  # the end-of-sequence token counts as generated
     return Generation(texts, counts, seconds, cpu_seconds)
 
 
@@ -278,14 +269,8 @@ def evaluate_sentiment(model_dir: Union[str, os.PathLike], out: Union[str, os.Pa
             "prompt_template": BASE_PROMPT, "anchors": anchors.to_json(), "torch_threads": torch.get_num_threads(),
             "summary": summary}
     with atomic_output_dir(out, force=force) as tmp:
-        with open(tmp / "generations.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(tmp / "summary.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-            writer.writeheader()
-            writer.writerows(summary)
+        write_rows_csv(rows, tmp / "generations.csv")
+        write_rows_csv(summary, tmp / "summary.csv")
         (tmp / "summary.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         (tmp / "summary.md").write_text(
             f"AWOT controlled sentiment generation: {model_dir}, {len(openings)} prompts, {cfg.prompt_format} format, "
@@ -298,8 +283,10 @@ def evaluate_sentiment(model_dir: Union[str, os.PathLike], out: Union[str, os.Pa
 
 def evaluate_hh(model_dir: Union[str, os.PathLike], aligned_dir: Union[str, os.PathLike],
                 data: Union[str, os.PathLike], config: AWOTConfig | None = None, top_k: int = 10,
-                system: Optional[str] = None, progress: bool = True) -> dict:
+                system: Optional[str] = None, progress: bool = True, domain: Optional[str] = None) -> dict:
     """Automatic anchors (train split, aligned vs ``model_dir``), then test-split preference accuracy ± AWOT.
+
+    ``domain`` picks one domain of a data folder (or file); None: all of ``data``'s records.
 
     Paper Sec. 4.2: α = 0.5, n = 60, K = 10. Accuracy is MEAV Eq. 4 (the response with
     the highest mean token log-probability wins), computed by ``meav_merge.evaluation.scoring``
@@ -310,8 +297,8 @@ def evaluate_hh(model_dir: Union[str, os.PathLike], aligned_dir: Union[str, os.P
     from meav_merge.evaluation.scoring import mean_logprobs, prepare, preference_accuracy
 
     config = config or AWOTConfig(alpha=0.5, steps=60)
-    train = load_records(data, split="train")
-    test = load_records(data, split="test")
+    train = load_records(data, domain, split="train")
+    test = load_records(data, domain, split="test")
     levels = test[0].levels
     mixed = [r for r in test if r.levels != levels]
     if mixed:

@@ -31,7 +31,7 @@ steered), teacher-forced scoring and ``meav_merge.evaluation.scoring`` all see t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -59,11 +59,15 @@ class AWOTConfigError(ValueError):
 class AWOTConfig:
     """Hyper-parameters of Eq. 4–5. Paper: sentiment α=2.0, n=60; HH-RLHF α=0.5, n=60; λ implicit (0)."""
 
-    alpha: float = 2.0  # step size α
-    steps: int = 60  # number of ascent steps n
-    penalty: float = 0.0  # λ of the L2 term on h' − h
-    method: str = "closed_form"  # "closed_form" | "iterative"
-    state: str = "lm_head_input"  # "lm_head_input" | "pre_norm"
+    alpha: float = field(default=2.0, metadata={"help": "step size α", "minimum": 0})
+    steps: int = field(default=60, metadata={"help": "ascent steps n", "minimum": 0})
+    penalty: float = field(default=0.0, metadata={"help": "λ of the L2 penalty on the change h' − h", "minimum": 0})
+    method: str = field(default="closed_form", metadata={
+        "help": "closed_form (one vector add) or iterative (autograd; the command line picks it for pre_norm)",
+        "choices": METHODS})
+    state: str = field(default="lm_head_input", metadata={
+        "help": "the state to tune: the LM-head input, or the residual stream before the final norm",
+        "choices": STATES})
 
     def __post_init__(self):
         if self.method not in METHODS:

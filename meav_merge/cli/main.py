@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
+from meav_merge.cli.options import add_data, parse_named
 from meav_merge.coefficients import lambdas_arg, number_arg, parse_number
 from meav_merge.resources import DEFAULT_MODEL_DIR
 
@@ -113,16 +115,6 @@ def _cmd_data_split(args) -> None:
           + ("" if args.write else " (dry run; --write to store)"))
 
 
-def _parse_joint(spec: str) -> dict:
-    out = {}
-    for part in spec.split(","):
-        domain, sep, level = part.partition("=")
-        if not sep or not domain.strip() or not level.strip():
-            raise UsageError(f"--joint: expected domain=level[,domain=level...], got '{part}'")
-        out[domain.strip()] = level.strip()
-    return out
-
-
 def _cmd_train(args) -> None:
     from meav_merge.training.dpo import MeavTrainConfig, train_vector
 
@@ -140,7 +132,7 @@ def _cmd_train(args) -> None:
         out_dir = Path(args.out) / domain if len(domains) > 1 else Path(args.out)
         started = time.time()
         out = train_vector(args.base, args.data, out_dir, domain=domain,
-                           joint=_parse_joint(args.joint) if args.joint else None,
+                           joint=parse_named([args.joint], "--joint") if args.joint else None,
                            preference_vector=args.preference_vector, config=cfg, force=args.force)
         print(f"aligned model: {out / 'aligned'}\nalignment vector: {out / 'vector'}  "
               f"({time.time() - started:.0f} s)")
@@ -160,17 +152,10 @@ def _check_control(base: str, run: Path, data: str, domain: str, lambdas: str) -
     from meav_merge.evaluation.tables import run_sweep
     from meav_merge.evaluation.sweep import lambda_control
 
-    summary = run_sweep(base, [str(run / "vector")], lambdas, data, run / "control", domain=domain,
-                        split="test", force=True)[domain]
+    summary = run_sweep(base, {domain: str(run / "vector")}, lambdas, data, run / "control", split="test",
+                        force=True)[domain]
     verdict = lambda_control(summary)
     print(f"{domain}: λ-control {'met' if verdict['met'] else 'NOT met'}: " + "; ".join(verdict["lines"]))
-
-
-def _cmd_sweep(args) -> None:
-    from meav_merge.evaluation.tables import run_sweep
-
-    run_sweep(args.model, args.vector, args.lambdas, args.data, args.out, domain=args.domain, split=args.split,
-              transfer=args.transfer, force=args.force, limit=args.limit)
 
 
 def _add_common_output(p, what: str) -> None:
@@ -196,29 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output vector directory")
     p.add_argument("--domain", help="domain recorded in the vector's metadata")
     p.add_argument("--preference", help="preference recorded in the metadata, e.g. 'expert>generic>avoidance'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
+                   help="dtype the vector is stored in (default: %(default)s)")
     _add_common_output(p, "vector directory")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("merge", help="run a mergekit recipe (same as mergekit-yaml, but atomic and validated first)")
-    p.add_argument("recipe")
-    p.add_argument("out")
+    p.add_argument("recipe", help="mergekit YAML recipe (merge_method: meav, or any mergekit method)")
+    p.add_argument("out", help="output model directory")
     p.add_argument("--cuda", action="store_true", help="do the tensor math on the GPU")
     _add_common_output(p, "output directory")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("card", help="add lm-eval results to a merged model's card")
-    p.add_argument("model")
+    p.add_argument("model", help="merged model directory whose README.md card is updated")
     p.add_argument("--results", required=True, help="lm-eval results JSON")
     p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("data", help="validate, split and synthesize preference data")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("validate", help="check data files; prints counts and length statistics")
-    q.add_argument("files", nargs="+")
+    q.add_argument("files", nargs="+", help="JSONL data files")
     q.set_defaults(func=_cmd_data_validate)
     q = data_sub.add_parser("split", help="assign the deterministic train/validation/test split")
-    q.add_argument("file")
+    q.add_argument("file", help="JSONL data file")
     q.add_argument("--write", action="store_true", help="store the split field in the file")
     q.set_defaults(func=_cmd_data_split)
     _optional_cli("meav_merge.data.synth.pipeline", data_sub)
@@ -228,17 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
     target.add_argument("--joint", help="joint-training baseline, e.g. medical=avoidance,financial=generic,legal=expert")
     p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="unaligned model (default: %(default)s)")
-    p.add_argument("--data", default="data", help="data directory or JSONL file (default: %(default)s)")
-    p.add_argument("--out", required=True)
+    add_data(p)
+    p.add_argument("--out", required=True, help="run directory (aligned model, vector, logs)")
     p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
     p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
                    help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
     p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
-    p.add_argument("--lr", type=number_arg("--lr", positive=True))
-    p.add_argument("--max-length", type=number_arg("--max-length", integer=True, positive=True))
-    p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True))
-    p.add_argument("--epochs", type=number_arg("--epochs", positive=True), default=1.0)
-    p.add_argument("--seed", type=number_arg("--seed", integer=True, minimum=0), default=0)
+    p.add_argument("--lr", type=number_arg("--lr", positive=True), help="learning rate (default: from the preset)")
+    p.add_argument("--max-length", type=number_arg("--max-length", integer=True, positive=True),
+                   help="longest prompt + response in tokens (default: from the preset)")
+    p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True),
+                   help="pairs per device and step (default: from the preset)")
+    p.add_argument("--epochs", type=number_arg("--epochs", positive=True), default=1.0,
+                   help="passes over the train pairs (default: %(default)s)")
+    p.add_argument("--seed", type=number_arg("--seed", integer=True, minimum=0), default=0,
+                   help="training seed (default: %(default)s)")
     p.add_argument("--retain-records", type=number_arg("--retain-records", integer=True, minimum=0), default=0,
                    help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
                         "holds those domains where the base model has them (default: %(default)s)")
@@ -256,22 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_output(p, "run directory")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sweep", help="preference accuracy across λ, re-weighting the model in memory")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
-    p.add_argument("--vector", action="append", required=True,
-                   help="vector directory, optionally DIR:weight; repeat to sweep a weighted sum")
-    p.add_argument("--lambdas", default="-1.5:1.0:0.1", type=lambdas_arg(), help="start:stop:step or a comma list")
-    p.add_argument("--data", required=True, help="JSONL file (or data directory with --domain)")
-    p.add_argument("--domain", help="domain to score (default: every domain in the file)")
-    p.add_argument("--split", default="test", help="train, validation, test or all (default: %(default)s)")
-    p.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True), help="score only the first N queries")
-    p.add_argument("--transfer", action="store_true", help="allow vectors measured from another model")
-    p.add_argument("--out", required=True)
-    _add_common_output(p, "output directory")
-    p.set_defaults(func=_cmd_sweep)
-
-    for module in ("meav_merge.evaluation.tables", "meav_merge.cli.search", "meav_merge.evaluation.judge", "meav_merge.cli.awot",
-                   "meav_merge.demo.pipeline", "meav_merge.vectors.calibration", "meav_merge.vectors.compress", "meav_merge.serving.cli"):
+    for module in ("meav_merge.cli.evaluate", "meav_merge.cli.search", "meav_merge.cli.judge", "meav_merge.cli.awot",
+                   "meav_merge.demo.pipeline", "meav_merge.vectors.calibration", "meav_merge.vectors.compress",
+                   "meav_merge.serving.cli"):
         _optional_cli(module, sub)
     return parser
 
@@ -289,7 +266,24 @@ def _optional_cli(module: str, subparsers) -> None:
     mod.add_cli(subparsers)
 
 
+class _PrintHandler(logging.Handler):
+    """The library logs its progress and tables; the command line shows them on stdout as before.
+    sys.stdout is looked up per message, so a redirected or captured stdout is followed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
+def _show_library_logs() -> None:
+    lib = logging.getLogger("meav_merge")
+    if not any(isinstance(h, _PrintHandler) for h in lib.handlers):
+        lib.addHandler(_PrintHandler())
+        lib.setLevel(logging.INFO)
+        lib.propagate = False
+
+
 def main(argv=None) -> int:
+    _show_library_logs()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)

