@@ -67,6 +67,26 @@ def test_vector_arithmetic_norms_and_cosine(tiny_dirs, tmp_path):
     assert total == pytest.approx(va.norm(), rel=1e-9)
 
 
+def test_sum_of_vectors_and_provenance_through_algebra(tiny_dirs, tmp_path):
+    va = extract_vector(tiny_dirs["aligned_a"], tiny_dirs["base"], tmp_path / "a", meta={"domain": "medical"})
+    vb = extract_vector(tiny_dirs["aligned_b"], tiny_dirs["base"], tmp_path / "b", meta={"domain": "legal"})
+    n = "model.layers.1.mlp.up_proj.weight"
+    total = sum([va, 2.0 * vb])  # starts from 0 + va: needs __radd__
+    assert torch.allclose(total[n], va[n] + 2.0 * vb[n])
+    # what both operands are for still holds, so the sum is checked against a target like them
+    assert total.meta["base_fingerprint"] == va.meta["base_fingerprint"] == fingerprint(tiny_dirs["base"])
+    derived = total.meta["derived"]
+    assert derived["op"] == "add"
+    first, second = derived["operands"]
+    assert first["domain"] == "medical" and first["path"] == str(tmp_path / "a")
+    assert second["domain"] == "legal" and second["scaled_by"] == 2.0
+    assert "domain" not in total.meta  # a sum of two domains' vectors is neither domain
+    diff = va - vb
+    assert diff.meta["derived"]["op"] == "sub" and torch.allclose(diff[n], va[n] - vb[n])
+    saved = total.save(tmp_path / "sum", base_config_dir=tiny_dirs["base"])
+    assert AlignmentVector.load(saved).meta["derived"] == derived  # provenance survives a round trip
+
+
 def test_apply_vectors_in_memory(tiny_dirs, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -53,7 +53,8 @@ def is_vector_dir(path: str | os.PathLike) -> bool:
 class AlignmentVector:
     """A named set of weight differences, loaded lazily from disk or held in memory.
 
-    Supports ``v1 + v2``, ``-v``, ``v1 - v2``, ``λ * v``, per-tensor and per-layer
+    Supports ``v1 + v2``, ``sum([v1, v2])``, ``-v``, ``v1 - v2``, ``λ * v`` (a result keeps its
+    operands' provenance under ``meta["derived"]``), per-tensor and per-layer
     norms, cosine similarity and ``apply_to(model, λ)``, as task_vectors.TaskVector
     does for plain state dicts.
     """
@@ -147,7 +148,7 @@ class AlignmentVector:
         return self._source.shape(name) if self._source is not None else tuple(self[name].shape)
 
     # --- arithmetic --------------------------------------------------------------------
-    def _combine(self, other: "AlignmentVector", op: Callable) -> "AlignmentVector":
+    def _combine(self, other: "AlignmentVector", op: Callable, name: str) -> "AlignmentVector":
         # A tensor absent from one side is zero there (sparse storage).
         out = {}
         for n in sorted(set(self.keys()) | set(other.keys())):
@@ -156,13 +157,23 @@ class AlignmentVector:
             if a is not None and b is not None and a.shape != b.shape:
                 raise VectorError(f"tensor {n}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
             out[n] = op(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a))
-        return AlignmentVector(out, meta={"derived": "combination"})
+        # What both operands agree on (the model they are for) still holds for the result, so
+        # it is checked against a target like either; each operand's origin is kept under "derived".
+        meta = {k: self.meta[k] for k in _SHARED_META if k in self.meta and other.meta.get(k) == self.meta[k]}
+        meta.update(kind="combination", derived={"op": name, "operands": [provenance(self), provenance(other)]})
+        return AlignmentVector(out, meta=meta)
 
     def __add__(self, other):
-        return self._combine(other, torch.add)
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return self._combine(other, torch.add, "add")
+
+    def __radd__(self, other):
+        # sum([v1, v2]) starts from 0 + v1
+        return self.__add__(other)
 
     def __sub__(self, other):
-        return self._combine(other, torch.sub)
+        return self._combine(other, torch.sub, "sub")
 
     def __neg__(self):
         return self * -1.0
@@ -207,6 +218,21 @@ class AlignmentVector:
             copy_model_files(base_config_dir, tmp, ["config.json"])
             (tmp / META_NAME).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
         return Path(out)
+
+
+# Metadata that describes the model a vector is for: a sum of two vectors for the same
+# model is for that model too. The rest (domain, training, ...) belongs to one operand.
+_SHARED_META = ("format", "format_version", "architecture", "model_type", "base", "base_fingerprint", "dtype")
+_PROVENANCE = ("kind", "domain", "preference", "aligned", "minus", "base", "created", "training", "scaled_by",
+               "derived")
+
+
+def provenance(vec: AlignmentVector) -> dict:
+    """Where a vector came from (its path, kind, domain, training, scaling, and operands if derived)."""
+    out = {k: vec.meta[k] for k in _PROVENANCE if vec.meta.get(k) is not None}
+    if vec.path is not None:
+        out["path"] = str(vec.path)
+    return out
 
 
 def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
