@@ -20,10 +20,12 @@ from meav_merge.awot import (
     automatic_anchors,
     awot_steering,
     final_norm,
+    load_causal_lm,
     manual_anchors,
     step_coefficient,
 )
-from meav_merge.awot.anchors import read_anchor_file, token_log_ratios
+from meav_merge.awot.anchors import read_anchor_file, single_token_forms, token_log_ratios
+from meav_merge.evaluation.scoring import preference_accuracy
 
 PROMPT = "I have a question about my blood pressure medication"
 EXAMPLES = [  # (prompt, chosen, rejected), in the tiny tokenizer's corpus language
@@ -76,10 +78,17 @@ def test_no_usable_word_is_an_error_listing_the_words(tiny_tokenizer):
         anchors_from_words(tiny_tokenizer, ["zyxqwv"], ["and"], "words")
 
 
-def test_paper_sentiment_sets():
+def test_named_set_resolves_every_table1_word(tiny_tokenizer):
+    # The tiny BPE splits every sentiment word, so resolving the named set must fail and name
+    # each of its words with its side: the set the name stands for is what gets tokenized.
     pos, neg = ANCHOR_SETS["sentiment"]  # Table 1
-    assert len(pos) == len(neg) == 9 and "awesome" in pos and "hate" in neg
-    assert not set(pos) & set(neg)
+    with pytest.raises(AnchorError) as err:
+        manual_anchors("sentiment", tiny_tokenizer)
+    msg = str(err.value)
+    assert msg.startswith("set 'sentiment'") and "\n" not in msg
+    assert all(f"'{w}' (negative)" in msg for w in neg)  # none of them is one token here
+    for w in pos:  # a positive word is reported unless some form of it is a single token here
+        assert (f"'{w}' (positive)" in msg) != bool(single_token_forms(tiny_tokenizer, w))
 
 
 def test_anchor_file(tmp_path, tiny_tokenizer):
@@ -306,8 +315,9 @@ def test_eval_hh_tiny(tmp_path, tiny_dirs):
     data = _safety_file(tmp_path / "safety.jsonl")
     res = evaluate_hh(tiny_dirs["base"], tiny_dirs["aligned_a"], data, AWOTConfig(2.0, 60), top_k=3, progress=False)
     assert res["n_test"] == 3 and len(res["anchors"]["positive_ids"]) == 3
-    assert sum(res["accuracy"].values()) == pytest.approx(1.0)
-    assert sum(res["accuracy_awot"].values()) == pytest.approx(1.0)
+    # the reported accuracies are the win fractions of the reported scores, with and without AWOT
+    assert res["accuracy"] == pytest.approx(preference_accuracy(res["scores"], res["levels"]))
+    assert res["accuracy_awot"] == pytest.approx(preference_accuracy(res["scores_awot"], res["levels"]))
     assert res["scores"] != res["scores_awot"]  # scoring saw the hook
     off = evaluate_hh(tiny_dirs["base"], tiny_dirs["aligned_a"], data, AWOTConfig(0.0, 60), top_k=3, progress=False)
     assert off["scores"] == off["scores_awot"] == res["scores"]
@@ -329,7 +339,17 @@ def test_cli_generate(tmp_path, tiny_dirs, capsys):
     args = _parser().parse_args(base + ["--anchors", str(words), "--alpha", "2", "--steps", "60"])
     args.func(args)
     captured = capsys.readouterr()
-    assert captured.out.strip() and "zyxqwv" in captured.err  # the skipped word is reported
+    assert "zyxqwv" in captured.err  # the skipped word is reported
+    # what it prints is the steered greedy reply: the same as generating under the hook directly
+    from meav_merge.awot.evaluate import generate
+    from meav_merge.evaluation.scoring import chat_context
+
+    model, tok = load_causal_lm(tiny_dirs["base"])
+    prompt = chat_context(tok, "Tell me about my tax return")
+    with awot_steering(model, manual_anchors(str(words), tok), AWOTConfig(2.0, 60)):
+        steered = generate(model, tok, prompt, 4, 1.5).texts[0]
+    plain = generate(model, tok, prompt, 4, 1.5).texts[0]
+    assert captured.out == steered + "\n" and steered != plain
     args = _parser().parse_args(base + ["--anchors", str(words), "--state", "pre_norm", "--method", "closed_form"])
     with pytest.raises(AWOTConfigError):
         args.func(args)

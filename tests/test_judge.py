@@ -12,7 +12,8 @@ from meav_merge.cli.judge import add_cli
 from meav_merge.evaluation.generation import generate_answers
 from meav_merge.evaluation.judge import judged_accuracy
 from meav_merge.evaluation.level_classifier import (LEVELS, UNPARSED, Answer, JudgeError, LevelClassifier,
-                                                    default_classifier, proficiency_records, response_answers)
+                                                    LevelClassifierConfig, default_classifier, proficiency_records,
+                                                    response_answers)
 from meav_merge.evaluation.llm_judge import LLMJudge, parse_label
 from meav_merge.resources import data_dir
 
@@ -98,19 +99,28 @@ def test_load_rejects_a_damaged_file(classifier, tmp_path):
         LevelClassifier.load(tmp_path / "nowhere")
 
 
-def test_default_classifier_is_cached(classifier, judge_cache):
+def test_default_classifier_is_cached(classifier, judge_cache, monkeypatch):
     entries = list(judge_cache.glob("level_classifier-*"))
     assert len(entries) == 1
-    again = default_classifier()
+
+    def no_training(self, records):
+        raise AssertionError("trained again instead of reading the cache")
+
+    monkeypatch.setattr(LevelClassifier, "fit", no_training)
+    again = default_classifier()  # would raise if the cache were not read
     assert again is not classifier and again.vocabulary == classifier.vocabulary
+    assert again.heldout == classifier.heldout
+    with pytest.raises(AssertionError, match="trained again"):  # a config not in the cache trains
+        default_classifier(config=LevelClassifierConfig(C=1.0))
 
 
 def test_judged_accuracy_fractions(classifier):
     answers = [Answer("a", "medical", "q", "I'm sorry, but I'm not able to advise on this; please talk to your GP."),
                Answer("b", "medical", "q", "   "), "Readings like these are often managed with lifestyle changes."]
     result = judged_accuracy(answers, classifier)
+    labels = classifier.judge(answers)
     assert set(LEVELS) <= set(result) and result["n"] == 3
-    assert sum(result[lv] for lv in LEVELS) == pytest.approx(1.0)
+    assert [result[lv] for lv in LEVELS] == pytest.approx([labels.count(lv) / 3 for lv in LEVELS])
     assert result["avoidance"] >= 1 / 3  # the empty answer is avoidance by definition
     assert result["judge"]["heldout_accuracy"]["overall"] == classifier.heldout["overall"]
     assert 0 < result["judge"]["answer_confidence"] <= 1
