@@ -162,6 +162,45 @@ def _add_common_output(p, what: str) -> None:
     p.add_argument("--force", action="store_true", help=f"overwrite an existing {what}")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="DPO (IPO loss) alignment and vector extraction")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
+    target.add_argument("--joint", help="joint-training baseline, e.g. medical=avoidance,financial=generic,legal=expert")
+    p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="unaligned model (default: %(default)s)")
+    add_data(p)
+    p.add_argument("--out", required=True, help="run directory (aligned model, vector, logs)")
+    p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                   help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
+    p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
+    p.add_argument("--lr", type=number_arg("--lr", positive=True), help="learning rate (default: from the preset)")
+    p.add_argument("--max-length", type=number_arg("--max-length", integer=True, positive=True),
+                   help="longest prompt + response in tokens (default: from the preset)")
+    p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True),
+                   help="pairs per device and step (default: from the preset)")
+    p.add_argument("--epochs", type=number_arg("--epochs", positive=True), default=1.0,
+                   help="passes over the train pairs (default: %(default)s)")
+    p.add_argument("--seed", type=number_arg("--seed", integer=True, minimum=0), default=0,
+                   help="training seed (default: %(default)s)")
+    p.add_argument("--retain-records", type=number_arg("--retain-records", integer=True, minimum=0), default=0,
+                   help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
+                        "holds those domains where the base model has them (default: %(default)s)")
+    p.add_argument("--train-records", type=number_arg("--train-records", integer=True, positive=True),
+                   help="at most this many train records (the first by id hash; default: all)")
+    p.add_argument("--sft-weight", type=number_arg("--sft-weight", minimum=0), default=0.0,
+                   help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="after training, sweep the validation split and record in the vector the λ at which each "
+                        "level is dominant (enables `level:` in recipes)")
+    p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS", type=lambdas_arg("--check"),
+                   help="after training, sweep the test split at these λ and check that some λ>0 makes the "
+                        "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "
+                        "(default λ: %(const)s)")
+    _add_common_output(p, "run directory")
+    p.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meav", description="Inference-time preference alignment as model editing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,42 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_data_split)
     _optional_cli("meav_merge.data.synth.pipeline", data_sub)
 
-    p = sub.add_parser("train", help="DPO (IPO loss) alignment and vector extraction")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
-    target.add_argument("--joint", help="joint-training baseline, e.g. medical=avoidance,financial=generic,legal=expert")
-    p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="unaligned model (default: %(default)s)")
-    add_data(p)
-    p.add_argument("--out", required=True, help="run directory (aligned model, vector, logs)")
-    p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
-                   help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
-    p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
-    p.add_argument("--lr", type=number_arg("--lr", positive=True), help="learning rate (default: from the preset)")
-    p.add_argument("--max-length", type=number_arg("--max-length", integer=True, positive=True),
-                   help="longest prompt + response in tokens (default: from the preset)")
-    p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True),
-                   help="pairs per device and step (default: from the preset)")
-    p.add_argument("--epochs", type=number_arg("--epochs", positive=True), default=1.0,
-                   help="passes over the train pairs (default: %(default)s)")
-    p.add_argument("--seed", type=number_arg("--seed", integer=True, minimum=0), default=0,
-                   help="training seed (default: %(default)s)")
-    p.add_argument("--retain-records", type=number_arg("--retain-records", integer=True, minimum=0), default=0,
-                   help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
-                        "holds those domains where the base model has them (default: %(default)s)")
-    p.add_argument("--train-records", type=number_arg("--train-records", integer=True, positive=True),
-                   help="at most this many train records (the first by id hash; default: all)")
-    p.add_argument("--sft-weight", type=number_arg("--sft-weight", minimum=0), default=0.0,
-                   help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="after training, sweep the validation split and record in the vector the λ at which each "
-                        "level is dominant (enables `level:` in recipes)")
-    p.add_argument("--check", nargs="?", const="-2,-1,-0.5,0,0.5,1,2,3,4", metavar="LAMBDAS", type=lambdas_arg("--check"),
-                   help="after training, sweep the test split at these λ and check that some λ>0 makes the "
-                        "preferred level win on ≥80%% of queries and some λ<0 the least preferred on ≥70%% "
-                        "(default λ: %(const)s)")
-    _add_common_output(p, "run directory")
-    p.set_defaults(func=_cmd_train)
+    _add_train(sub)
 
     for module in ("meav_merge.cli.evaluate", "meav_merge.cli.search", "meav_merge.cli.judge", "meav_merge.cli.awot",
                    "meav_merge.demo.pipeline", "meav_merge.vectors.calibration", "meav_merge.vectors.compress",

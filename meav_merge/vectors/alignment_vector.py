@@ -276,6 +276,22 @@ def apply_vectors(model: torch.nn.Module, vectors: Sequence[Tuple[AlignmentVecto
     return model
 
 
+def _check_same_layout(a: Checkpoint, r: Checkpoint) -> None:
+    """Two checkpoints whose difference is a vector: same architecture, tensor names and shapes."""
+    aligned, reference = a.path, r.path
+    if a.config().get("architectures") != r.config().get("architectures"):
+        raise VectorError(f"{aligned}: architecture {a.config().get('architectures')} differs from "
+                          f"{reference}: {r.config().get('architectures')}")
+    missing = sorted(set(r.keys()) - set(a.keys()))
+    extra = sorted(set(a.keys()) - set(r.keys()))
+    if missing or extra:
+        raise VectorError(f"{aligned} and {reference} have different tensors "
+                          f"(missing {missing[:3]}, extra {extra[:3]})")
+    for n in a.keys():
+        if a.shape(n) != r.shape(n):
+            raise VectorError(f"tensor {n}: {aligned} has shape {a.shape(n)}, {reference} has {r.shape(n)}")
+
+
 def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike] = None,
                    out: Optional[str | os.PathLike] = None, *, minus: Optional[str | os.PathLike] = None,
                    dtype: torch.dtype = torch.float32, meta: Optional[dict] = None,
@@ -292,18 +308,8 @@ def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike]
     reference = Path(minus if minus is not None else base)
     base_for_meta = Path(base) if base is not None else reference
     a, r = Checkpoint(aligned), Checkpoint(reference)
-    a_cfg, r_cfg = a.config(), r.config()
-    if a_cfg.get("architectures") != r_cfg.get("architectures"):
-        raise VectorError(f"{aligned}: architecture {a_cfg.get('architectures')} differs from "
-                          f"{reference}: {r_cfg.get('architectures')}")
-    missing = sorted(set(r.keys()) - set(a.keys()))
-    extra = sorted(set(a.keys()) - set(r.keys()))
-    if missing or extra:
-        raise VectorError(f"{aligned} and {reference} have different tensors "
-                          f"(missing {missing[:3]}, extra {extra[:3]})")
-    for n in a.keys():
-        if a.shape(n) != r.shape(n):
-            raise VectorError(f"tensor {n}: {aligned} has shape {a.shape(n)}, {reference} has {r.shape(n)}")
+    _check_same_layout(a, r)
+    a_cfg = a.config()
 
     unchanged = []
 
