@@ -110,8 +110,6 @@ def test_base_without_a_recorded_name_is_not_passed_off_as_one(tiny_dirs, tmp_pa
     assert "no Hub name was recorded" in card and str(tiny_dirs["base"]) in card
 
 
-@pytest.mark.xfail(strict=False, reason="needs meav_merge/cli/main.py _cmd_card to pass args.results (a file or "
-                                        "a folder) to add_eval_results instead of reading it itself")
 def test_meav_card_command_takes_the_folder(merged, lm_eval_folder):
     proc = subprocess.run([str(BIN / "meav"), "card", str(merged), "--results", str(lm_eval_folder)],
                           capture_output=True, text=True, env=ENV)

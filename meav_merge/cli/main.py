@@ -70,15 +70,9 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_card(args) -> None:
-    import json
-
     from meav_merge.merge.card import add_eval_results
 
-    try:
-        results = json.loads(Path(args.results).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{args.results}: cannot read results JSON ({e})") from None
-    print(f"updated {add_eval_results(args.model, results)}")
+    print(f"updated {add_eval_results(args.model, args.results)}")
 
 
 def _cmd_data_validate(args) -> None:
@@ -203,6 +197,7 @@ def _add_train(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meav", description="Inference-time preference alignment as model editing.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show third-party warnings and library logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("base", help="materialize the base model (default: embedded SmolLM2-135M-Instruct)")
@@ -234,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("card", help="add lm-eval results to a merged model's card")
     p.add_argument("model", help="merged model directory whose README.md card is updated")
-    p.add_argument("--results", required=True, help="lm-eval results JSON")
+    p.add_argument("--results", required=True, help="lm-eval results JSON, or its --output_path folder (the newest results_*.json inside)")
     p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("data", help="validate, split and synthesize preference data")
@@ -291,6 +286,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
+    from meav_merge.cli.quiet import quiet_third_party
+
+    quiet_third_party(verbose=args.verbose)
     try:
         args.func(args)
     except KeyboardInterrupt:
