@@ -64,8 +64,9 @@ def test_train_writes_vector_with_metadata(tiny_dirs, data_dir, tmp_path):
     # only the top layer and the final norm train (the trunk is frozen)
     assert v["model.layers.1.mlp.down_proj.weight"].abs().max() > 0
     assert v["model.norm.weight"].abs().max() > 0
-    assert v["model.layers.0.mlp.down_proj.weight"].abs().max() == 0
-    assert v["model.embed_tokens.weight"].abs().max() == 0
+    # frozen tensors did not change, so the vector does not store them (read as zero)
+    assert "model.layers.0.mlp.down_proj.weight" not in v.keys()
+    assert "model.embed_tokens.weight" not in v.keys()
     assert not (tmp_path / "run.partial").exists()
 
 

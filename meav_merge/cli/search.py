@@ -146,14 +146,14 @@ def _cmd_search(args) -> None:
 
 def add_cli(sub) -> None:
     from meav_merge.coefficients import number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR
+    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
     p = sub.add_parser("search", help="find multi-domain λ for target levels (few exact evaluations)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
     p.add_argument("--vector", action="append", required=True, help="domain=DIR, once per domain")
     p.add_argument("--target", help="e.g. medical=avoidance,financial=generic,legal=expert")
     p.add_argument("--all", action="store_true", help="all 3^n target combinations")
-    p.add_argument("--data", default="data", help="data folder or file (default: %(default)s)")
+    p.add_argument("--data", default=str(data_dir()), help="data folder or file (default: the shipped data)")
     p.add_argument("--split", default="validation", help="split the coefficients are fitted on (default: %(default)s)")
     p.add_argument("--report-split", default="test",
                    help="split the chosen coefficients are scored on for the table, or 'none' (default: %(default)s)")

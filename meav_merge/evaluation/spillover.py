@@ -93,13 +93,13 @@ def _cmd_spillover(args) -> None:
 
 def add_eval_cli(ev) -> None:
     from meav_merge.coefficients import lambdas_arg, number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR
+    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
     q = ev.add_parser("spillover", help="each domain vector alone at several λ, scored on every domain (Table 2)")
     q.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
     q.add_argument("--vector", action="append", required=True, help="domain=DIR, once per domain")
     q.add_argument("--lambdas", default="-4,-2,-1,1,2,4", type=lambdas_arg(), help="λ values (default: %(default)s)")
-    q.add_argument("--data", default="data", help="data folder (default: %(default)s)")
+    q.add_argument("--data", default=str(data_dir()), help="data folder or file (default: the shipped data)")
     q.add_argument("--split", default="test", help="split to score (default: %(default)s)")
     q.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True), help="queries per domain")
     q.add_argument("--title", help="heading of the markdown report")

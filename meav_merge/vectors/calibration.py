@@ -103,7 +103,7 @@ def describe(vector_dir: str | os.PathLike) -> str:
 
 def add_cli(sub) -> None:
     from meav_merge.coefficients import lambdas_arg, number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR
+    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
     def _cmd_calibrate(args):
         cal = calibrate(args.vector, args.model, args.data, domain=args.domain, split=args.split,
@@ -114,7 +114,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("calibrate", help="record in a vector the λ at which each level is dominant")
     p.add_argument("vector", help="alignment-vector directory")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
-    p.add_argument("--data", default="data", help="data folder or file (default: %(default)s)")
+    p.add_argument("--data", default=str(data_dir()), help="data folder or file (default: the shipped data)")
     p.add_argument("--domain", help="domain to calibrate on (default: the vector's own)")
     p.add_argument("--split", default="validation", help="split to sweep (default: %(default)s)")
     p.add_argument("--lambdas", type=lambdas_arg(), default=list(DEFAULT_LAMBDAS),
