@@ -26,8 +26,9 @@ def total_variation(a: Dict[str, float], b: Dict[str, float]) -> float:
 
 
 def spillover(rm: ReweightableModel, names: Sequence[str], lambdas: Sequence[float], data: str,
-              split: str = "test", limit: Optional[int] = None) -> dict:
-    """``names[i]`` is the domain of ``rm.vectors[i]``; every named domain is scored at every point."""
+              split: str = "test", limit: Optional[int] = None, move: Optional[Sequence[str]] = None) -> dict:
+    """``names[i]`` is the domain of ``rm.vectors[i]``; every named domain is scored at every point.
+    ``move``: the vectors to move (default: all), e.g. to compare one retrained vector."""
     prepared = {d: prepare(rm.tokenizer, load_records(data, d, split)[: limit or None]) for d in names}
     n = {d: len(p) for d, p in prepared.items()}
 
@@ -38,6 +39,8 @@ def spillover(rm: ReweightableModel, names: Sequence[str], lambdas: Sequence[flo
     zero = fractions([0.0] * len(names))
     rows, summary = [], {}
     for i, own in enumerate(names):
+        if move and own not in move:
+            continue
         spills, control = [], {lv: None for lv in PROFICIENCY_LEVELS}
         for lv in PROFICIENCY_LEVELS:
             if margin(zero[own], lv) > 0:
@@ -81,7 +84,8 @@ def _cmd_spillover(args) -> None:
 
     vectors = parse_named(args.vector, "vector")
     rm = ReweightableModel(args.model, [AlignmentVector.load(p) for p in vectors.values()])
-    result = spillover(rm, list(vectors), args.lambdas, args.data, split=args.split, limit=args.limit)
+    result = spillover(rm, list(vectors), args.lambdas, args.data, split=args.split, limit=args.limit,
+                       move=args.move.split(",") if args.move else None)
     result["vectors"] = vectors
     text = markdown(result, args.title or "Spill-over")
     with atomic_output_dir(args.out, force=args.force) as tmp:
@@ -102,6 +106,7 @@ def add_eval_cli(ev) -> None:
     q.add_argument("--data", default=str(data_dir()), help="data folder or file (default: the shipped data)")
     q.add_argument("--split", default="test", help="split to score (default: %(default)s)")
     q.add_argument("--limit", type=number_arg("--limit", integer=True, positive=True), help="queries per domain")
+    q.add_argument("--move", help="comma-separated vectors to move (default: all); the others only fix the domains")
     q.add_argument("--title", help="heading of the markdown report")
     q.add_argument("--out", required=True, help="report folder")
     q.add_argument("--force", action="store_true", help="replace an existing --out")
