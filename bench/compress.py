@@ -49,7 +49,9 @@ def extract_lora_vector(model: str, aligned: Path, rank: int, work: Path) -> tup
     if adapter.exists():
         shutil.rmtree(adapter)
     exe = str(Path(sys.executable).with_name("mergekit-extract-lora"))
-    proc = subprocess.run([exe, "--model", str(aligned), "--base-model", model, "--out-path", str(adapter),
+    # absolute paths: mergekit reads "models/x" (one slash) as a Hub id
+    proc = subprocess.run([exe, "--model", str(Path(aligned).resolve()), "--base-model", str(Path(model).resolve()),
+                           "--out-path", str(adapter),
                            "--max-rank", str(rank)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"mergekit-extract-lora failed: {proc.stderr.strip().splitlines()[-1]}")
