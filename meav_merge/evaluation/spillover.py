@@ -60,7 +60,7 @@ def spillover(rm: ReweightableModel, names: Sequence[str], lambdas: Sequence[flo
 
 
 def markdown(result: dict, title: str = "") -> str:
-    names = list(result["summary"])
+    names = list(result["n"])  # every scored domain, also when only some vectors moved
     head = "| vector | λ | " + " | ".join(f"{d} E/G/A" for d in names) + " |"
     lines = [f"### {title}".rstrip(), "", f"Fractions on {result['split']} (n = "
              + ", ".join(f"{d} {k}" for d, k in result["n"].items()) + "); λ = 0: "
