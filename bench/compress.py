@@ -57,6 +57,7 @@ def extract_lora_vector(model: str, aligned: Path, rank: int, work: Path) -> tup
         raise RuntimeError(f"mergekit-extract-lora failed: {proc.stderr.strip().splitlines()[-1]}")
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     folded = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    folded.tie_weights()  # merge_and_unload unties a tied LM head; saving tied keeps the base's tensor names
     merged_dir = work / f"mergekit_lora_r{rank}_merged"
     folded.save_pretrained(str(merged_dir), safe_serialization=True)
     vec = work / f"mergekit_lora_r{rank}_vector"
