@@ -15,9 +15,11 @@ models:
 dtype: float32
 Y
 [ -d $W/merged ] || .venv/bin/mergekit-yaml $W/insurance.yaml $W/merged
-.venv/bin/lm_eval --model hf --model_args pretrained=$W/merged,dtype=float32 --tasks meav_pref_medical --limit 32 \
-  --output_path $W/hf > $OUT/hf.txt 2>&1
-.venv/bin/meav serve --model $M --recipe insurance=$W/insurance.yaml --port 8765 > $W/serve.log 2>&1 &
+[ -s $OUT/hf.txt ] || .venv/bin/lm_eval --model hf --model_args pretrained=$W/merged,dtype=float32 \
+  --tasks meav_pref_medical --limit 32 --output_path $W/hf > $OUT/hf.txt 2>&1
+# vector names come from --vector; a recipe's vectors all live in folders called "vector"
+.venv/bin/meav serve --model $M --vector medical=$R/medical/vector --vector financial=$R/financial/vector \
+  --vector legal=$R/legal/vector --recipe insurance=$W/insurance.yaml --port 8765 > $W/serve.log 2>&1 &
 PID=$!; trap "kill $PID" EXIT
 for i in $(seq 60); do curl -sf http://127.0.0.1:8765/v1/models >/dev/null && break; sleep 2; done
 .venv/bin/lm_eval --model local-completions --model_args model=insurance,base_url=http://127.0.0.1:8765/v1/completions,tokenizer=$M,tokenizer_backend=huggingface,max_retries=1 \
