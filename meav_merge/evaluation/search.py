@@ -28,7 +28,7 @@ highest of the levels and above 1/3; the margin is how far it clears both.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -106,6 +106,30 @@ class SearchResult:
     margin: float
     reached: bool
     evaluations: int  # exact evaluations spent up to the point this target was settled
+
+
+@dataclass
+class Best:
+    """The best evaluation seen for each target, by ``rank_key``, and when it was found."""
+
+    targets: Sequence[Target]
+    entries: Dict[int, tuple] = field(default_factory=dict)  # k -> (key, evaluation, evaluations so far)
+
+    def record(self, e: Evaluation, count: int) -> None:
+        for k, t in enumerate(self.targets):
+            key = rank_key(e, t)
+            if k not in self.entries or key > self.entries[k][0]:
+                self.entries[k] = (key, e, count)
+
+    def reached(self, k: int) -> bool:
+        return k in self.entries and self.entries[k][0][0] > 0
+
+    def results(self, evaluations: Optional[int] = None) -> List[SearchResult]:
+        """``evaluations``: report this count for every target instead of when each was settled."""
+        return [SearchResult(t, self.entries[k][1].coefficients, self.entries[k][1].fractions,
+                             self.entries[k][0][0], self.reached(k),
+                             self.entries[k][2] if evaluations is None else evaluations)
+                for k, t in enumerate(self.targets)]
 
 
 class ExactEvaluator:
@@ -251,7 +275,6 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
     from tqdm.auto import tqdm
 
     n = len(evaluator.rm.vectors)
-    domains = evaluator.domains
     base = evaluator((0.0,) * n)
     probes: Dict[int, List[Evaluation]] = {}
     for i in range(n):
@@ -270,23 +293,16 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
     axis = np.round(np.arange(config.low, config.high + 1e-9, config.grid_step), 4)
     grid = np.array(list(itertools.product(axis, repeat=n)))
 
-    best: Dict[int, Tuple[Tuple[float, float], Evaluation, int]] = {}
-
-    def record(e: Evaluation) -> None:
-        for k, t in enumerate(targets):
-            m = rank_key(e, t)
-            if k not in best or m > best[k][0]:
-                best[k] = (m, e, evaluator.count)
-
+    best = Best(targets)
     for e in evaluator.cache.values():
-        record(e)
+        best.record(e, evaluator.count)
     bar = tqdm(total=len(targets), desc="search", disable=not progress)
-    pending = [k for k in range(len(targets)) if best[k][0][0] <= 0]
+    pending = [k for k in range(len(targets)) if not best.reached(k)]
     bar.update(len(targets) - len(pending))
     for round_ in range(1 + config.corrections_per_target):
         still = []
         for k in pending:
-            if best[k][0][0] > 0:
+            if best.reached(k):
                 bar.update(1)
                 continue
             if evaluator.count >= config.budget:
@@ -297,10 +313,10 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
             choice = next((grid[j] for j in candidates[:50] if tuple(np.round(grid[j], 4)) not in evaluator.cache),
                           grid[candidates[0]])
             e = evaluator(choice)
-            record(e)
+            best.record(e, evaluator.count)
             surrogate.add_correction(e)
             bar.set_postfix(evaluations=evaluator.count, refresh=True)
-            if best[k][0][0] > 0:
+            if best.reached(k):
                 bar.update(1)
             else:
                 still.append(k)
@@ -308,8 +324,7 @@ def search(evaluator: ExactEvaluator, targets: Sequence[Target], config: SearchC
         if not pending:
             break
     bar.close()
-    return [SearchResult(t, best[k][1].coefficients, best[k][1].fractions, best[k][0][0], best[k][0][0] > 0,
-                         best[k][2]) for k, t in enumerate(targets)]
+    return best.results()
 
 
 def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: float = 0.5, low: float = -4.0,
@@ -319,12 +334,7 @@ def grid_search(evaluator: ExactEvaluator, targets: Sequence[Target], step: floa
 
     n = len(evaluator.rm.vectors)
     axis = np.round(np.arange(low, high + 1e-9, step), 4)
-    best: Dict[int, Tuple[Tuple[float, float], Evaluation]] = {}
+    best = Best(targets)
     for c in tqdm(list(itertools.product(axis, repeat=n)), desc="grid", disable=not progress):
-        e = evaluator(c)
-        for k, t in enumerate(targets):
-            m = rank_key(e, t)
-            if k not in best or m > best[k][0]:
-                best[k] = (m, e)
-    return [SearchResult(t, best[k][1].coefficients, best[k][1].fractions, best[k][0][0], best[k][0][0] > 0,
-                         evaluator.count) for k, t in enumerate(targets)]
+        best.record(evaluator(c), evaluator.count)
+    return best.results(evaluations=evaluator.count)

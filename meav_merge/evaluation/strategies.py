@@ -13,38 +13,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS
-from meav_merge.evaluation.search import (Evaluation, ExactEvaluator, SearchResult, Target, fractions_from_scores,
+from meav_merge.evaluation.search import (Best, ExactEvaluator, SearchResult, Target, fractions_from_scores,
                                           margin, rank_key)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Best:
-    """The best evaluation seen for each target, by ``rank_key``, and when it was found."""
-
-    targets: Sequence[Target]
-    entries: Dict[int, tuple] = field(default_factory=dict)  # k -> (key, evaluation, evaluations so far)
-
-    def record(self, e: Evaluation, count: int) -> None:
-        for k, t in enumerate(self.targets):
-            key = rank_key(e, t)
-            if k not in self.entries or key > self.entries[k][0]:
-                self.entries[k] = (key, e, count)
-
-    def reached(self, k: int) -> bool:
-        return k in self.entries and self.entries[k][0][0] > 0
-
-    def results(self) -> List[SearchResult]:
-        return [SearchResult(t, self.entries[k][1].coefficients, self.entries[k][1].fractions,
-                             self.entries[k][0][0], self.reached(k), self.entries[k][2])
-                for k, t in enumerate(self.targets)]
 
 
 def cmaes_search(evaluator: ExactEvaluator, targets: Sequence[Target], budget: int = 100, low: float = -4.0,
