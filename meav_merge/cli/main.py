@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from meav_merge.cli.options import add_data, parse_named
-from meav_merge.coefficients import lambdas_arg, number_arg, parse_number
+from meav_merge.cli.options import add_config_args, add_data, config_from_args, parse_named
+from meav_merge.coefficients import lambdas_arg
 from meav_merge.resources import DEFAULT_MODEL_DIR
 
 
@@ -70,7 +70,7 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_card(args) -> None:
-    from meav_merge.merge.card import add_eval_results
+    from meav_merge.merge.card_results import add_eval_results
 
     print(f"updated {add_eval_results(args.model, args.results)}")
 
@@ -112,12 +112,7 @@ def _cmd_data_split(args) -> None:
 def _cmd_train(args) -> None:
     from meav_merge.training.dpo import MeavTrainConfig, train_vector
 
-    layers = -1 if args.trainable_layers is None else (None if args.trainable_layers == "all" else parse_number(
-        args.trainable_layers, "--trainable-layers", integer=True, positive=True))
-    cfg = MeavTrainConfig(preset=args.preset, learning_rate=args.lr, max_length=args.max_length,
-                          per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-                          trainable_layers=layers, seed=args.seed, retain_records=args.retain_records,
-                          sft_weight=args.sft_weight, train_records=args.train_records)
+    cfg = config_from_args(MeavTrainConfig, args)
     domains = [d.strip() for d in args.domain.split(",") if d.strip()] if args.domain else [None]
     if args.check and args.joint:
         raise ValueError("--check applies to --domain runs (a joint model has no single λ axis)")
@@ -157,6 +152,8 @@ def _add_common_output(p, what: str) -> None:
 
 
 def _add_train(sub) -> None:
+    from meav_merge.training.dpo import MeavTrainConfig  # light: trl is imported only when training runs
+
     p = sub.add_parser("train", help="DPO (IPO loss) alignment and vector extraction")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
@@ -165,25 +162,7 @@ def _add_train(sub) -> None:
     add_data(p)
     p.add_argument("--out", required=True, help="run directory (aligned model, vector, logs)")
     p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
-                   help="cpu: fast float32 top-layer training (default); paper: full model, as in the MEAV paper")
-    p.add_argument("--trainable-layers", help="top layers to train, or 'all' (default: from the preset)")
-    p.add_argument("--lr", type=number_arg("--lr", positive=True), help="learning rate (default: from the preset)")
-    p.add_argument("--max-length", type=number_arg("--max-length", integer=True, positive=True),
-                   help="longest prompt + response in tokens (default: from the preset)")
-    p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True),
-                   help="pairs per device and step (default: from the preset)")
-    p.add_argument("--epochs", type=number_arg("--epochs", positive=True), default=1.0,
-                   help="passes over the train pairs (default: %(default)s)")
-    p.add_argument("--seed", type=number_arg("--seed", integer=True, minimum=0), default=0,
-                   help="training seed (default: %(default)s)")
-    p.add_argument("--retain-records", type=number_arg("--retain-records", integer=True, minimum=0), default=0,
-                   help="train records per other proficiency domain added as zero-margin IPO pairs, so the vector "
-                        "holds those domains where the base model has them (default: %(default)s)")
-    p.add_argument("--train-records", type=number_arg("--train-records", integer=True, positive=True),
-                   help="at most this many train records (the first by id hash; default: all)")
-    p.add_argument("--sft-weight", type=number_arg("--sft-weight", minimum=0), default=0.0,
-                   help="weight of an NLL term on chosen responses (RPO anchor; default: %(default)s)")
+    add_config_args(p.add_argument_group("training (MeavTrainConfig)"), MeavTrainConfig, skip={"extra"})
     p.add_argument("--calibrate", action="store_true",
                    help="after training, sweep the validation split and record in the vector the λ at which each "
                         "level is dominant (enables `level:` in recipes)")

@@ -114,6 +114,9 @@ def _kwargs_for(f: dataclasses.Field, tp, flag: str, default: Any) -> dict:
     meta = f.metadata
     kw: dict = {"dest": f.name, "default": default}
     base = _unwrap_optional(tp)
+    if "type" in meta:  # a field whose flag text is not its Python type (e.g. "4" or "all")
+        kw["type"], kw["metavar"] = meta["type"], meta.get("metavar")
+        return kw
     if base is bool:
         kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
         return kw
@@ -155,7 +158,7 @@ def add_config_args(p: argparse.ArgumentParser, cls, *, skip: Iterable[str] = ()
             default = None
         kw = _kwargs_for(f, hints[f.name], flags[0], default)
         text = f.metadata.get("help", f.name.replace("_", " "))
-        if kw.get("action") != "store_true" and default is not None:
+        if kw.get("action") != "store_true" and default is not None and "default:" not in text:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else "%(default)s"
             text += f" (default: {shown})"
         p.add_argument(*flags, help=text, **kw)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files, TOKENIZER_FILES
+from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files
 from meav_merge.data.schema import DataError, Record, file_sha256, levels_for, load_records, resolve_data_files
 
 PRESETS = {
@@ -40,38 +40,71 @@ PRESETS = {
 }
 
 
+def _layers_arg(text: str) -> Optional[int]:
+    """``--trainable-layers``: a positive count of top layers, or ``all`` (every parameter)."""
+    from meav_merge.coefficients import parse_number
+
+    return None if text.strip() == "all" else parse_number(text, "--trainable-layers", integer=True, positive=True)
+
+
+def _help(text: str, **meta) -> dict:
+    return {"help": text, **meta}
+
+
 @dataclass
 class MeavTrainConfig:
-    """What ``meav train`` needs beyond the data: trl's DPO settings plus which weights train."""
+    """What ``meav train`` needs beyond the data: trl's DPO settings plus which weights train.
 
-    preset: str = "cpu"
-    loss_type: str = "ipo"
-    beta: float = 0.1
-    num_train_epochs: float = 1.0
-    learning_rate: Optional[float] = None
-    per_device_train_batch_size: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    max_length: Optional[int] = None
-    trainable_layers: Optional[int] = -1  # -1: the preset's value; None: every parameter
-    lr_scheduler_type: Optional[str] = None
-    warmup_ratio: Optional[float] = None
-    precision: Optional[str] = None  # fp32 | bf16 | auto (bf16 only on a GPU that supports it)
-    frozen_trunk: bool = True  # compute the frozen lower layers once per sequence (see trunk.py)
+    Every field is a ``meav train`` flag (``cli.options.add_config_args``), its help text
+    from the field's metadata, as trl's ``TrlParser`` does for ``DPOConfig``. A field left at
+    ``None`` takes the preset's value.
+    """
+
+    preset: str = field(default="cpu", metadata=_help(
+        "cpu: fast float32 top-layer training; paper: full model, as in the MEAV paper", choices=list(PRESETS)))
+    loss_type: str = field(default="ipo", metadata=_help("trl DPO loss (the MEAV paper uses IPO)"))
+    beta: float = field(default=0.1, metadata=_help("DPO/IPO β (IPO's target margin is 1/(2β))", positive=True))
+    num_train_epochs: float = field(default=1.0, metadata=_help(
+        "passes over the train pairs", flags=("--epochs", "--num-train-epochs"), positive=True))
+    learning_rate: Optional[float] = field(default=None, metadata=_help(
+        "learning rate (default: from the preset)", flags=("--lr", "--learning-rate"), positive=True))
+    per_device_train_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "pairs per device and step (default: from the preset)", flags=("--batch-size",), positive=True))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("steps per optimizer update", positive=True))
+    max_length: Optional[int] = field(default=None, metadata=_help(
+        "longest prompt + response in tokens (default: from the preset)", positive=True))
+    # -1: the preset's value; None: every parameter
+    trainable_layers: Optional[int] = field(default=-1, metadata=_help(
+        "top layers to train, or 'all' (default: from the preset)", type=_layers_arg, metavar="N|all"))
+    lr_scheduler_type: Optional[str] = field(default=None, metadata=_help(
+        "transformers scheduler name (default: from the preset)"))
+    warmup_ratio: Optional[float] = field(default=None, metadata=_help(
+        "share of steps spent warming up (default: from the preset)", minimum=0))
+    precision: Optional[str] = field(default=None, metadata=_help(
+        "fp32, bf16, or auto (bf16 only on a GPU that supports it; default: from the preset)",
+        choices=["fp32", "bf16", "auto"]))
+    frozen_trunk: bool = field(default=True, metadata=_help(
+        "compute the frozen lower layers once per sequence instead of every step (see trunk.py)"))
     # Domain-specific vectors: IPO's squared loss (Δ − 1/2β)² on a pair given in both orders
     # sums to 2Δ² + const, i.e. IPO with target margin 0. Such "retain" pairs from the other
     # proficiency domains hold their level margins where the base model has them, so the
     # vector learns this domain's preference without spilling onto the others.
-    retain_records: int = 0  # train records per other proficiency domain used as retain pairs
+    retain_records: int = field(default=0, metadata=_help(
+        "train records per other proficiency domain added as zero-margin IPO pairs, so the vector holds "
+        "those domains where the base model has them", minimum=0))
     # An NLL term on the chosen responses (RPO; trl's loss_type "sft"): anchors their
     # likelihood, so the vector does not move probability mass onto text in neither response.
-    sft_weight: float = 0.0
-    # At most this many train records of the domain (the first by id hash, so a subset is
-    # the same on every machine); None = all. For time-bounded runs such as `meav demo`.
-    train_records: Optional[int] = None
-    seed: int = 0
-    save_steps: int = 20
-    logging_steps: int = 5
-    extra: Dict[str, object] = field(default_factory=dict)  # any other DPOConfig field
+    sft_weight: float = field(default=0.0, metadata=_help(
+        "weight of an NLL term on chosen responses (RPO anchor)", minimum=0))
+    # The first by id hash, so a subset is the same on every machine; for time-bounded runs
+    # such as `meav demo`.
+    train_records: Optional[int] = field(default=None, metadata=_help(
+        "at most this many train records (the first by id hash; default: all)", positive=True))
+    seed: int = field(default=0, metadata=_help("training seed", minimum=0))
+    save_steps: int = field(default=20, metadata=_help("checkpoint every N steps (a killed run resumes)",
+                                                       positive=True))
+    logging_steps: int = field(default=5, metadata=_help("log the loss every N steps", positive=True))
+    extra: Dict[str, object] = field(default_factory=dict)  # any other DPOConfig field (Python API only)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
