@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 import torch
 
 from meav_merge.cli import main
@@ -71,3 +72,19 @@ def test_calibrate_command_on_planted_vector(search_setup, capsys):
     assert main(["vector", "info", str(vectors["medical"])]) == 0
     out = capsys.readouterr().out
     assert "calibration (validation, n=6)" in out and "avoidance" in out
+
+
+def test_serve_preset_from_a_recipe_names_vectors_by_domain_and_resolves_levels(tiny_dirs, calibrated, tmp_path):
+    # Two runs' vectors share the folder name "vector"; the preset must still tell them apart.
+    from meav_merge.serving.settings import preset_from_recipe
+
+    other = extract_vector(tiny_dirs["aligned_b"], tiny_dirs["base"], tmp_path / "legal_run" / "vector",
+                           meta={"domain": "legal"}).path
+    recipe = tmp_path / "insurance.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "meav", "base_model": str(tiny_dirs["base"]),
+        "models": [{"model": str(calibrated), "parameters": {"level": "generic"}},
+                   {"model": str(other), "parameters": {"lambda": 0.6}}]}))
+    vectors: dict = {}
+    assert preset_from_recipe(recipe, vectors) == (("legal", 0.6), ("vec", -0.5))  # no domain: folder name
+    assert vectors == {"vec": str(calibrated), "legal": str(other)}

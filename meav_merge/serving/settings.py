@@ -101,9 +101,36 @@ def parse_named(spec: str, what: str) -> Tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def _entry_lambda(params: dict, model: str, where: str) -> float:
+    """A recipe entry's λ: its ``lambda``, or its ``level`` resolved from the vector's calibration."""
+    if "level" in params and "lambda" not in params:
+        from meav_merge.vectors.alignment_vector import AlignmentVector
+        from meav_merge.vectors.calibration import resolve_level
+
+        return resolve_level(AlignmentVector.load(model).meta, str(params["level"]), where)
+    lam = params.get("lambda")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"{where}: lambda must be one finite number to serve it, got {lam!r}")
+    return float(lam)
+
+
+def _vector_name(model: str) -> str:
+    """The name a recipe's vector is served under: its recorded domain (``vector`` folders of
+    different runs share a folder name), else its folder's name."""
+    import json
+
+    try:
+        domain = json.loads((Path(model) / "meav_vector.json").read_text()).get("domain")
+    except (OSError, ValueError):
+        domain = None
+    if isinstance(domain, str) and domain and domain != "joint" and all(c not in domain for c in "+,="):
+        return domain
+    return Path(model).name
+
+
 def preset_from_recipe(path: str | os.PathLike, vectors: Dict[str, str]) -> Setting:
     """The setting of a ``meav`` mergekit recipe; vectors it names that are not served yet
-    are added to ``vectors`` under their directory name."""
+    are added to ``vectors`` under their recorded domain (else their folder's name)."""
     try:
         recipe = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -116,15 +143,14 @@ def preset_from_recipe(path: str | os.PathLike, vectors: Dict[str, str]) -> Sett
         model = (entry or {}).get("model")
         if not isinstance(model, str) or model == recipe.get("base_model"):
             continue
-        lam = ((entry.get("parameters") or {}).get("lambda"))
+        params = entry.get("parameters") or {}
         where = f"{path}: models[{i}] ({model})"
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise ValueError(f"{where}: lambda must be one finite number to serve it, got {lam!r}")
-        if (entry.get("parameters") or {}).get("unaligned"):
+        if params.get("unaligned"):
             raise ValueError(f"{where}: full checkpoints (unaligned:) cannot be served; extract a vector first")
+        lam = _entry_lambda(params, model, where)
         name = by_dir.get(str(Path(model).resolve()))
         if name is None:
-            name = Path(model).name
+            name = _vector_name(model)
             if name in vectors:
                 raise ValueError(f"{where}: vector name {name!r} is taken by {vectors[name]}; "
                                  "serve this vector with --vector NAME=DIR first")
