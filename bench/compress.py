@@ -41,6 +41,8 @@ def extract_lora_vector(model: str, aligned: Path, rank: int, work: Path) -> tup
     """mergekit-extract-lora at ``rank``; returns (adapter bytes, vector dir of its folded delta)."""
     import torch
     from peft import PeftModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from meav_merge.vectors.alignment_vector import extract_vector
@@ -57,9 +59,16 @@ def extract_lora_vector(model: str, aligned: Path, rank: int, work: Path) -> tup
         raise RuntimeError(f"mergekit-extract-lora failed: {proc.stderr.strip().splitlines()[-1]}")
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     folded = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    folded.tie_weights()  # merge_and_unload unties a tied LM head; saving tied keeps the base's tensor names
     merged_dir = work / f"mergekit_lora_r{rank}_merged"
-    folded.save_pretrained(str(merged_dir), safe_serialization=True)
+    # merge_and_unload leaves the LM head untied (and tie_weights() does not re-tie it), so a
+    # plain save adds lm_head.weight, which the base (tied to embed_tokens) does not have.
+    # Keep exactly the base's tensor names; the tied head equals embed_tokens anyway.
+    with safe_open(str(Path(model) / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    state = {k: v.contiguous() for k, v in folded.state_dict().items() if k in names}
+    merged_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(merged_dir / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(Path(model) / "config.json", merged_dir / "config.json")
     vec = work / f"mergekit_lora_r{rank}_vector"
     if vec.exists():
         shutil.rmtree(vec)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meav_merge.merge.card import add_eval_results, load_results
+from meav_merge.merge.card_results import add_eval_results, load_results
 from meav_merge.merge.recipe import merge_recipe
 from meav_merge.vectors.alignment_vector import extract_vector
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from meav_merge.data.schema import PROFICIENCY_LEVELS, parse_record, write_jsonl
+from meav_merge.data.schema import PROFICIENCY_LEVELS, parse_record
 from meav_merge.evaluation.coefficient_fit import BlockCoefficientFit, FitConfig, block_of
 from meav_merge.evaluation.scoring import prepare
 from meav_merge.evaluation.search import fractions_from_scores, margin

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from meav_merge.cli.main import main
-from meav_merge.data.schema import (split_of, DataError, assign_splits, load_records, near_duplicates, read_jsonl, validate_file,
-                             write_jsonl)
+from meav_merge.data.schema import (split_of, DataError, assign_splits, load_records, read_jsonl, validate_file)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from meav_merge.data.schema import Record, read_jsonl
+from meav_merge.data.schema import read_jsonl
 from meav_merge.evaluation.scoring import chat_context, mean_logprobs, prepare
 
 RECORDS = [

@@ -10,7 +10,6 @@ unreachable.
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import yaml
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS
-from meav_merge.evaluation.search import SearchResult, Target, all_targets
+from meav_merge.evaluation.search import Target, all_targets
 
 STRATEGIES = ("surrogate", "grid", "cmaes", "gradient")
 SHORT = {"expert": "Exp", "generic": "Gen", "avoidance": "Avd"}

@@ -176,7 +176,7 @@ def _lm_eval_step(pipe: Pipeline, cfg: DemoConfig, merged: Path) -> dict:
                           str(res_dir), "--limit", str(cfg.queries)], "lm_eval")
         results_file = sorted(res_dir.rglob("results_*.json"))[-1]
         results = json.loads(results_file.read_text())
-        from meav_merge.merge.card import add_eval_results
+        from meav_merge.merge.card_results import add_eval_results
 
         add_eval_results(merged, results)
         return {"results_file": str(results_file), "stdout_table": proc.stdout[-4000:],

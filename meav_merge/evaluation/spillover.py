@@ -13,7 +13,7 @@ and every domain's fractions are scored on the held-out split. Two summaries per
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS, load_records
 from meav_merge.evaluation.scoring import prepare

@@ -16,7 +16,7 @@ from typing import Optional
 import yaml
 
 from meav_merge.io.base_model import BASE_RECORD  # the Hub name `meav base` records
-from meav_merge.merge.card_results import EVAL_BEGIN, EVAL_END, add_eval_results, load_results  # noqa: F401
+from meav_merge.merge.card_results import EVAL_BEGIN, EVAL_END
 from meav_merge.vectors.alignment_vector import META_NAME
 
 WARNING = (
