@@ -138,6 +138,8 @@ def _logprobs_json(res: Result, tokenizer) -> dict:
 
 
 def build_app(registry: Registry, scheduler: Scheduler) -> FastAPI:
+    # One function over ~60 lines on purpose: FastAPI routes are closures over the registry,
+    # scheduler and tokenizer, declared where the app is built (as FastAPI's own examples do).
     engine = scheduler.engine
     tok = engine.tokenizer
     vocab = int(engine.model.get_input_embeddings().weight.shape[0])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files
 from meav_merge.data.schema import DataError, Record, file_sha256, levels_for, load_records, resolve_data_files
+
+logger = logging.getLogger(__name__)
 
 PRESETS = {
     # cpu: lr 2e-4 because at 1e-4 the medical vector saturated at 69% avoidance (need 70%);
@@ -287,7 +290,7 @@ def run_dpo(base: str | os.PathLike, train_rows: List[dict], eval_rows: List[dic
         try:
             _, head = split_model(model, config.trainable_layers)
         except ValueError as e:
-            print(f"meav train: {e}; training the full model with frozen lower layers instead")
+            logger.warning("%s; training the full model with frozen lower layers instead", e)
     train_ds = _dataset(train_rows, work / f"{tag}-train")
     eval_ds = _dataset(eval_rows, work / f"{tag}-eval") if eval_rows else None
     args = config.dpo_config(str(work / f"{tag}-trainer"), has_eval=eval_ds is not None)
@@ -328,29 +331,14 @@ def run_dpo(base: str | os.PathLike, train_rows: List[dict], eval_rows: List[dic
     return metrics
 
 
-def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
-                 domain: Optional[str] = None, joint: Optional[Dict[str, str]] = None,
-                 preference_vector: bool = False, config: Optional[MeavTrainConfig] = None,
-                 force: bool = False) -> Path:
-    """``meav train``: align, save the aligned model(s) and the vector(s) under ``out``.
+def _training_rows(data, domain: Optional[str], joint: Optional[Dict[str, str]], config: MeavTrainConfig):
+    """The data files (each validated, so a bad one stops here naming file:line), the records
+    and the DPO rows for train and validation, and how many train rows are retain pairs."""
+    from meav_merge.data.schema import read_jsonl
 
-    Layout: ``out/aligned`` (θ+), ``out/vector`` (θ+ − θ_base, an alignment vector), and
-    with ``preference_vector`` also ``out/minus`` (θ−) and ``out/preference_vector`` (θ+ − θ−).
-    Work in progress lives in ``out.partial/`` and is resumed; ``out`` appears only
-    when everything is done.
-    """
-    from meav_merge.vectors.alignment_vector import extract_vector
-
-    config = config or MeavTrainConfig()
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists (pass --force to retrain)")
-    if (domain is None) == (joint is None):
-        raise ValueError("give exactly one of --domain or --joint")
     domains = [domain] if domain else list(joint)
     files = sorted({f for d in domains for f in resolve_data_files(data, d)})
-    for f in files:  # a file that fails validation stops here, naming file:line
-        from meav_merge.data.schema import read_jsonl
+    for f in files:
         read_jsonl(f)
     train = [r for d in domains for r in _first(load_records(data, d, "train"), config.train_records)]
     val = [r for d in domains for r in load_records(data, d, "validation")]
@@ -360,9 +348,13 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
         extra = retain_rows(data, domain, config.retain_records)
         n_retain = len(extra)
         train_rows += extra
+    return files, train, val, train_rows, val_rows, n_retain
 
-    work = out.with_name(out.name + ".partial")
-    provenance = {
+
+def _provenance(base, domain, joint, config: MeavTrainConfig, files, train, val, train_rows, val_rows,
+                n_retain: int) -> dict:
+    """What the vector's metadata records about how it was trained."""
+    return {
         "domain": domain or "joint",
         "joint_targets": joint,
         "preference": (" > ".join(levels_for(domain)) if domain else
@@ -378,17 +370,13 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
             "base": str(base),
         },
     }
-    metrics = {"plus": run_dpo(base, train_rows, val_rows, work, config, work / "aligned", "plus")}
-    if preference_vector:
-        metrics["minus"] = run_dpo(base, pair_rows(train, swap=True, targets=joint),
-                                   pair_rows(val, swap=True, targets=joint), work, config, work / "minus", "minus")
-    provenance["training"]["metrics"] = metrics
-    from accelerate import PartialState
 
-    state = PartialState()
-    if not state.is_main_process:  # under `accelerate launch`, rank 0 extracts and writes
-        state.wait_for_everyone()
-        return out
+
+def _write_run(out: Path, work: Path, base, provenance: dict, metrics: dict, preference_vector: bool,
+               force: bool) -> None:
+    """Move the trained model(s) from ``work`` into ``out`` and extract the vector(s), atomically."""
+    from meav_merge.vectors.alignment_vector import extract_vector
+
     with atomic_output_dir(out, force=force) as tmp:
         shutil.move(str(work / "aligned"), str(tmp / "aligned"))
         extract_vector(tmp / "aligned", base, tmp / "vector", meta=provenance)
@@ -398,5 +386,37 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
                            meta={**provenance, "preference": provenance["preference"] + " (θ+ − θ−)"})
         (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                 domain: Optional[str] = None, joint: Optional[Dict[str, str]] = None,
+                 preference_vector: bool = False, config: Optional[MeavTrainConfig] = None,
+                 force: bool = False) -> Path:
+    """``meav train``: align, save the aligned model(s) and the vector(s) under ``out``.
+
+    Layout: ``out/aligned`` (θ+), ``out/vector`` (θ+ − θ_base, an alignment vector), and
+    with ``preference_vector`` also ``out/minus`` (θ−) and ``out/preference_vector`` (θ+ − θ−).
+    Work in progress lives in ``out.partial/`` and is resumed; ``out`` appears only
+    when everything is done.
+    """
+    config = config or MeavTrainConfig()
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: already exists (pass --force to retrain)")
+    if (domain is None) == (joint is None):
+        raise ValueError("give exactly one of --domain or --joint")
+    files, train, val, train_rows, val_rows, n_retain = _training_rows(data, domain, joint, config)
+    provenance = _provenance(base, domain, joint, config, files, train, val, train_rows, val_rows, n_retain)
+    work = out.with_name(out.name + ".partial")
+    metrics = {"plus": run_dpo(base, train_rows, val_rows, work, config, work / "aligned", "plus")}
+    if preference_vector:
+        metrics["minus"] = run_dpo(base, pair_rows(train, swap=True, targets=joint),
+                                   pair_rows(val, swap=True, targets=joint), work, config, work / "minus", "minus")
+    provenance["training"]["metrics"] = metrics
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:  # under `accelerate launch`, rank 0 extracts and writes
+        _write_run(out, work, base, provenance, metrics, preference_vector, force)
     state.wait_for_everyone()
     return out

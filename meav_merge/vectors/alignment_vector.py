@@ -292,6 +292,25 @@ def _check_same_layout(a: Checkpoint, r: Checkpoint) -> None:
             raise VectorError(f"tensor {n}: {aligned} has shape {a.shape(n)}, {reference} has {r.shape(n)}")
 
 
+def _differences(a: Checkpoint, r: Checkpoint, dtype: torch.dtype, a_label: str, r_label: str):
+    """{name: a − r} for the floating tensors that changed, and the names of those that did not
+    (absent from the vector, read as zero). The subtraction runs in at least float32."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    tensors, unchanged = {}, []
+    for n in tqdm(a.keys(), desc="extract", unit="tensor", leave=False):
+        ta, tr = a.get(n), r.get(n)
+        _check_finite(n, ta, a_label)
+        _check_finite(n, tr, r_label)
+        if not ta.is_floating_point():
+            continue
+        d = (ta.to(wide) - tr.to(wide)).to(dtype)
+        if bool(d.any()):
+            tensors[n] = d
+        else:
+            unchanged.append(n)
+    return tensors, unchanged
+
+
 def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike] = None,
                    out: Optional[str | os.PathLike] = None, *, minus: Optional[str | os.PathLike] = None,
                    dtype: torch.dtype = torch.float32, meta: Optional[dict] = None,
@@ -311,22 +330,6 @@ def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike]
     _check_same_layout(a, r)
     a_cfg = a.config()
 
-    unchanged = []
-
-    def diffs():
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
-        for n in tqdm(a.keys(), desc="extract", unit="tensor", leave=False):
-            ta, tr = a.get(n), r.get(n)
-            _check_finite(n, ta, str(aligned))
-            _check_finite(n, tr, str(reference))
-            if not ta.is_floating_point():
-                continue
-            d = (ta.to(wide) - tr.to(wide)).to(dtype)
-            if not bool(d.any()):  # exactly unchanged: absent from the vector, read as zero
-                unchanged.append(n)
-                continue
-            yield n, d
-
     info = {
         "format": "meav_vector",
         "format_version": FORMAT_VERSION,
@@ -344,7 +347,7 @@ def extract_vector(aligned: str | os.PathLike, base: Optional[str | os.PathLike]
         "training": None,
     }
     info.update(meta or {})
-    tensors = dict(diffs())
+    tensors, unchanged = _differences(a, r, dtype, str(aligned), str(reference))
     info["tensors"] = {n: list(t.shape) for n, t in tensors.items()}
     info["storage"] = "sparse"
     info["unchanged_tensors"] = len(unchanged)
