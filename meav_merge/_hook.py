@@ -65,14 +65,20 @@ def missing_path_error(config) -> str | None:
     return None
 
 
+def _patch(owner, attr: str, make) -> None:
+    """``owner.attr = make(original)``, once: a module executed twice is not wrapped twice."""
+    original = getattr(owner, attr)
+    if getattr(original, "_meav_wrapped", False):
+        return
+    wrapped = make(original)
+    wrapped._meav_wrapped = True
+    setattr(owner, attr, wrapped)
+
+
 _WROTE = []  # output folders of meav merges in this process, for the run_yaml wrapper's last line
 
 
-def _wrap_run_merge(module) -> None:
-    original = module.run_merge
-    if getattr(original, "_meav_wrapped", False):
-        return
-
+def _run_merge_wrapper(original):
     @functools.wraps(original)
     def run_merge(merge_config, out_path, *args, **kwargs):
         if merge_config.merge_method == "meav":
@@ -89,16 +95,10 @@ def _wrap_run_merge(module) -> None:
             _WROTE.append(out_path)
         return result
 
-    run_merge._meav_wrapped = True
-    module.run_merge = run_merge
+    return run_merge
 
 
-def _wrap_run_yaml(module) -> None:
-    command = module.main  # a click command; its callback is the function click runs
-    original = command.callback
-    if getattr(original, "_meav_wrapped", False):
-        return
-
+def _run_yaml_wrapper(original):
     @functools.wraps(original)
     def callback(*args, **kwargs):
         from meav_merge.merge.method import RecipeError
@@ -114,15 +114,10 @@ def _wrap_run_yaml(module) -> None:
             print(f"merged model written to {Path(_WROTE[-1]).resolve()}")
         return result
 
-    callback._meav_wrapped = True
-    command.callback = callback
+    return callback
 
 
-def _wrap_planner(module) -> None:
-    original = module.MergePlanner.__init__
-    if getattr(original, "_meav_wrapped", False):
-        return
-
+def _planner_wrapper(original):
     def __init__(self, config, *args, **kwargs):
         if config.merge_method == "meav":
             from meav_merge.merge.method import validate_recipe
@@ -130,15 +125,10 @@ def _wrap_planner(module) -> None:
             validate_recipe(config)
         original(self, config, *args, **kwargs)
 
-    __init__._meav_wrapped = True
-    module.MergePlanner.__init__ = __init__
+    return __init__
 
 
-def _wrap_card(module) -> None:
-    original = module.generate_card
-    if getattr(original, "_meav_wrapped", False):
-        return
-
+def _card_wrapper(original):
     def generate_card(config, *args, **kwargs):
         if config.merge_method == "meav":
             from meav_merge.merge.card import merge_card
@@ -146,15 +136,10 @@ def _wrap_card(module) -> None:
             return merge_card(config, *args, **kwargs)
         return original(config, *args, **kwargs)
 
-    generate_card._meav_wrapped = True
-    module.generate_card = generate_card
+    return generate_card
 
 
-def _wrap_task_manager(module) -> None:
-    original = module.TaskManager.__init__
-    if getattr(original, "_meav_wrapped", False):
-        return
-
+def _task_manager_wrapper(original):
     def __init__(self, *args, include_path=None, **kwargs):
         from meav_merge.resources import eval_tasks_dir
 
@@ -167,15 +152,10 @@ def _wrap_task_manager(module) -> None:
             paths = ours + [include_path]
         original(self, *args, include_path=paths, **kwargs)
 
-    __init__._meav_wrapped = True
-    module.TaskManager.__init__ = __init__
+    return __init__
 
 
-def _wrap_simple_evaluate(module) -> None:
-    original = module.simple_evaluate
-    if getattr(original, "_meav_wrapped", False):
-        return
-
+def _simple_evaluate_wrapper(original):
     @functools.wraps(original)
     def simple_evaluate(*args, **kwargs):
         from meav_merge.evaluation.task_metadata import check_before_model_load
@@ -183,15 +163,14 @@ def _wrap_simple_evaluate(module) -> None:
         check_before_model_load(original, args, kwargs)  # passes through unless a meav task is asked for
         return original(*args, **kwargs)
 
-    simple_evaluate._meav_wrapped = True
-    module.simple_evaluate = simple_evaluate
+    return simple_evaluate
 
 
 def _quiet_git_hash(module) -> None:
-    original = module.get_git_commit_hash
-    if getattr(original, "_meav_wrapped", False):
-        return
+    _patch(module, "get_git_commit_hash", lambda original: _git_hash_wrapper(original, module))
 
+
+def _git_hash_wrapper(original, module):
     @functools.wraps(original)
     def get_git_commit_hash():
         # lm-eval's own code, with git's stderr discarded: run outside a repository (any
@@ -203,18 +182,18 @@ def _quiet_git_hash(module) -> None:
         except (subprocess.CalledProcessError, FileNotFoundError):
             return module.get_commit_from_path(os.getcwd())
 
-    get_git_commit_hash._meav_wrapped = True
-    module.get_git_commit_hash = get_git_commit_hash
+    return get_git_commit_hash
 
 
 CALLBACKS = {
     "mergekit.merge_methods": _register_method,
-    "mergekit.merge": _wrap_run_merge,
-    "mergekit.plan": _wrap_planner,
-    "mergekit.scripts.run_yaml": _wrap_run_yaml,
-    "mergekit.card": _wrap_card,
-    "lm_eval.tasks.manager": _wrap_task_manager,
-    "lm_eval.evaluator": _wrap_simple_evaluate,
+    "mergekit.merge": lambda m: _patch(m, "run_merge", _run_merge_wrapper),
+    "mergekit.plan": lambda m: _patch(m.MergePlanner, "__init__", _planner_wrapper),
+    # mergekit-yaml is a click command; its callback is the function click runs
+    "mergekit.scripts.run_yaml": lambda m: _patch(m.main, "callback", _run_yaml_wrapper),
+    "mergekit.card": lambda m: _patch(m, "generate_card", _card_wrapper),
+    "lm_eval.tasks.manager": lambda m: _patch(m.TaskManager, "__init__", _task_manager_wrapper),
+    "lm_eval.evaluator": lambda m: _patch(m, "simple_evaluate", _simple_evaluate_wrapper),
     "lm_eval.loggers.utils": _quiet_git_hash,
 }
 

@@ -89,7 +89,7 @@ def run_strategy(strategy: str, evaluator, targets, args):
         budget = args.budget if strategy == "surrogate" else max(1, args.budget // 2)
         results = search(evaluator, targets, SearchConfig.spanning(args.low, args.high, budget=budget))
         if strategy == "gradient":
-            blocks = gradient_refine(evaluator, results, steps=args.fit_steps)
+            blocks = gradient_refine(evaluator, results, steps=args.fit_steps, queries_per_domain=args.fit_queries)
     return results, blocks
 
 
@@ -166,6 +166,9 @@ def add_cli(sub) -> None:
                    help="most exact evaluations to spend (default: %(default)s)")
     p.add_argument("--fit-steps", type=number_arg("--fit-steps", integer=True, positive=True), default=12,
                    help="gradient steps per missed target, each counted as one evaluation (default: %(default)s)")
+    p.add_argument("--fit-queries", type=number_arg("--fit-queries", integer=True, positive=True), default=8,
+                   help="queries per domain each gradient step differentiates through (all of --limit are used "
+                        "to check the result; default: %(default)s)")
     p.add_argument("--low", type=number_arg("--low"), default=-4.0, help="smallest λ considered (default: %(default)s)")
     p.add_argument("--high", type=number_arg("--high"), default=4.0, help="largest λ considered (default: %(default)s)")
     p.add_argument("--grid", dest="strategy", action="store_const", const="grid", help="same as --strategy grid")

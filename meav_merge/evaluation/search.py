@@ -145,6 +145,10 @@ class ExactEvaluator:
             self.prepared[d] = prepare(rm.tokenizer, recs, levels=PROFICIENCY_LEVELS)
         self.cache: Dict[Tuple[float, ...], Evaluation] = {}
         self.count = 0
+        from tqdm.auto import tqdm
+
+        # one exact evaluation scores every domain's queries (seconds to a minute on CPU)
+        self.bar = tqdm(desc=f"exact evaluations ({split})", unit="eval", leave=False)
 
     def __call__(self, coefficients: Sequence[float]) -> Evaluation:
         key = tuple(round(float(c), 4) for c in coefficients)
@@ -154,6 +158,7 @@ class ExactEvaluator:
             fr = {d: fractions_from_scores(s, PROFICIENCY_LEVELS) for d, s in scores.items()}
             self.cache[key] = Evaluation(key, scores, fr)
             self.count += 1
+            self.bar.update()
         return self.cache[key]
 
 
