@@ -157,7 +157,6 @@ class MeavTrainConfig:
             data_seed=self.seed,
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
-            gradient_checkpointing=False,
             disable_tqdm=False,
             **self.extra,
         )
