@@ -48,6 +48,12 @@ def levels_for(domain: str) -> Tuple[str, ...]:
     return DOMAIN_LEVELS.get(domain, PROFICIENCY_LEVELS)
 
 
+# A dataclass checked by hand (parse_record) rather than a pydantic model, on purpose: the
+# checks that matter are across fields and lines (one response per level of the record's
+# domain, the persona only on proficiency domains, unknown fields kept byte-exactly for
+# `data split --write`, NaN and repeated keys refused while the line is parsed) and every
+# error must be one line naming file:line and key; pydantic would cover the type checks
+# only and report them as multi-line ValidationErrors.
 @dataclass
 class Record:
     id: str
