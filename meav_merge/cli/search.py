@@ -163,7 +163,9 @@ def add_cli(sub) -> None:
                    help="queries per domain for the held-out report")
     p.add_argument("--strategy", choices=STRATEGIES, default="surrogate", help="how to spend the budget")
     p.add_argument("--budget", type=number_arg("--budget", integer=True, positive=True), default=100,
-                   help="most exact evaluations to spend (default: %(default)s)")
+                   help="most exact evaluations to spend; the surrogate strategy first probes each axis and "
+                        "pair, 1 + 6n + 2n(n-1) evaluations for n vectors (31 for 3), whatever the budget "
+                        "(default: %(default)s)")
     p.add_argument("--fit-steps", type=number_arg("--fit-steps", integer=True, positive=True), default=12,
                    help="gradient steps per missed target, each counted as one evaluation (default: %(default)s)")
     p.add_argument("--fit-queries", type=number_arg("--fit-queries", integer=True, positive=True), default=8,
