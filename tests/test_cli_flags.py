@@ -55,3 +55,13 @@ def test_bad_train_numbers_fail_while_parsing(argv, capsys):
         build_parser().parse_args(["train", "--domain", "medical", "--out", "x", *argv])
     assert e.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_dpo_config_keeps_checkpointing_off_without_deprecation_warnings(tmp_path):
+    # trl defaults gradient checkpointing to on (slower); the deprecated name warns in transformers 5
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        cfg = MeavTrainConfig().dpo_config(str(tmp_path), has_eval=False)
+    assert cfg.activation_checkpointing is False and cfg.gradient_checkpointing is False
