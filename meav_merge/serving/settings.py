@@ -96,9 +96,14 @@ def parse_named(spec: str, what: str) -> Tuple[str, str]:
     name, eq, path = spec.partition("=")
     if not eq or not name.strip() or not path.strip():
         raise ValueError(f"--{what} {spec!r}: expected NAME=PATH")
-    if "+" in name or "," in name or "=" in name or name.strip() in BASE_NAMES:
+    if not _servable_name(name.strip()):
         raise ValueError(f"--{what} {spec!r}: name may not be 'base' nor contain + , =")
     return name.strip(), path.strip()
+
+
+def _servable_name(name: str) -> bool:
+    """A name that ``model: base+NAME=λ,...`` can spell."""
+    return bool(name) and name not in BASE_NAMES and not any(c in name for c in "+,=")
 
 
 def _entry_lambda(params: dict, model: str, where: str) -> float:
@@ -117,13 +122,10 @@ def _entry_lambda(params: dict, model: str, where: str) -> float:
 def _vector_name(model: str) -> str:
     """The name a recipe's vector is served under: its recorded domain (``vector`` folders of
     different runs share a folder name), else its folder's name."""
-    import json
+    from meav_merge.vectors.alignment_vector import AlignmentVector, is_vector_dir
 
-    try:
-        domain = json.loads((Path(model) / "meav_vector.json").read_text()).get("domain")
-    except (OSError, ValueError):
-        domain = None
-    if isinstance(domain, str) and domain and domain != "joint" and all(c not in domain for c in "+,="):
+    domain = AlignmentVector.load(model).meta.get("domain") if is_vector_dir(model) else None
+    if isinstance(domain, str) and domain != "joint" and _servable_name(domain):
         return domain
     return Path(model).name
 
