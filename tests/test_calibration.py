@@ -74,6 +74,25 @@ def test_calibrate_command_on_planted_vector(search_setup, capsys):
     assert "calibration (validation, n=6)" in out and "avoidance" in out
 
 
+def test_calibration_stops_once_every_level_is_found_and_agrees_with_the_full_grid(search_setup):
+    from meav_merge.data.schema import load_records
+    from meav_merge.evaluation.sweep import ReweightableModel, sweep
+    from meav_merge.vectors.alignment_vector import AlignmentVector
+    from meav_merge.vectors.calibration import _smallest_per_level, calibrate
+
+    base, data, vectors = search_setup
+    grid = [-4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0]
+    records = load_records(data, "medical", "validation")
+    full = sweep(ReweightableModel(base, [AlignmentVector.load(vectors["medical"])]), records, grid)
+    expected = _smallest_per_level(grid, full, records[0].levels)
+    cal = calibrate(vectors["medical"], base, data, lambdas=grid)
+    assert cal["levels"] == expected
+    swept = [p["lambda"] for p in cal["sweep"]]
+    assert swept == sorted(swept, key=lambda x: (abs(x), x))  # by growing |λ|
+    if all(expected.values()):  # every level found: nothing past the last one needed
+        assert len(swept) < len(grid) and max(abs(v["lambda"]) for v in expected.values()) == abs(swept[-1])
+
+
 def test_serve_preset_from_a_recipe_names_vectors_by_domain_and_resolves_levels(tiny_dirs, calibrated, tmp_path):
     # Two runs' vectors share the folder name "vector"; the preset must still tell them apart.
     from meav_merge.serving.settings import preset_from_recipe

@@ -19,6 +19,11 @@ from meav_merge.vectors.alignment_vector import META_NAME, VectorError
 DEFAULT_LAMBDAS = (-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
+def _by_magnitude(lambdas: Sequence[float]) -> list:
+    """λ in the order the calibration needs them: smallest |λ| first (the negative one first on a tie)."""
+    return sorted(dict.fromkeys(float(x) for x in lambdas), key=lambda x: (abs(x), x))
+
+
 def _smallest_per_level(lambdas: Sequence[float], points, levels: Sequence[str]) -> dict:
     found = {}
     for lam, p in sorted(zip(lambdas, points), key=lambda t: (abs(t[0]), t[0])):
@@ -26,6 +31,32 @@ def _smallest_per_level(lambdas: Sequence[float], points, levels: Sequence[str])
         if d is not None and d not in found:
             found[d] = {"lambda": float(lam), "fraction": round(float(p.fractions[d]), 4)}
     return {lv: found.get(lv) for lv in levels}
+
+
+def _sweep_until_found(rm, records, lambdas: Sequence[float], desc: str):
+    """Evaluate λ by growing |λ| and stop once every level has been dominant somewhere.
+
+    Only the smallest |λ| per level is recorded, so the points past that would change
+    nothing; skipping them halves a typical calibration (avoidance often needs the
+    largest |λ|, expert and generic are found early, or the reverse)."""
+    from tqdm.auto import tqdm
+
+    from meav_merge.evaluation.scoring import prepare
+    from meav_merge.evaluation.sweep import evaluate_point
+
+    levels = records[0].levels
+    prepared = prepare(rm.tokenizer, records, levels=levels)
+    done, points, seen = [], [], set()
+    order = _by_magnitude(lambdas)
+    for lam in tqdm(order, desc=desc, unit="λ"):
+        p = evaluate_point(rm, [lam], prepared, levels)
+        done.append(lam)
+        points.append(p)
+        if p.dominant:
+            seen.add(p.dominant)
+        if seen >= set(levels):
+            break
+    return done, points
 
 
 def write_calibration(vector_dir: str | os.PathLike, calibration: dict) -> Path:
@@ -43,7 +74,7 @@ def calibrate(vector_dir: str | os.PathLike, model_dir: str | os.PathLike, data:
               domain: Optional[str] = None, split: str = "validation", lambdas: Sequence[float] = DEFAULT_LAMBDAS,
               limit: Optional[int] = None, transfer: bool = False) -> dict:
     from meav_merge.data.schema import load_records
-    from meav_merge.evaluation.sweep import ReweightableModel, sweep
+    from meav_merge.evaluation.sweep import ReweightableModel
     from meav_merge.vectors.alignment_vector import AlignmentVector
 
     vec = AlignmentVector.load(vector_dir)
@@ -51,12 +82,14 @@ def calibrate(vector_dir: str | os.PathLike, model_dir: str | os.PathLike, data:
     if not domain or domain == "joint":
         raise VectorError(f"{vector_dir}: give --domain (the vector does not record a single domain)")
     records = load_records(data, domain, split)[: limit or None]
+    if not records:
+        raise VectorError(f"{data}: no {domain} records in split '{split}' to calibrate on")
     rm = ReweightableModel(model_dir, [vec], transfer=transfer)
-    points = sweep(rm, records, list(lambdas), desc=f"calibrate {domain}")
+    done, points = _sweep_until_found(rm, records, lambdas, desc=f"calibrate {domain}")
     calibration = {"domain": domain, "split": split, "n": len(records), "model": str(model_dir),
                    "lambdas": [float(x) for x in lambdas],
-                   "levels": _smallest_per_level(lambdas, points, records[0].levels),
-                   "sweep": [{"lambda": float(lam), "fractions": p.fractions} for lam, p in zip(lambdas, points)]}
+                   "levels": _smallest_per_level(done, points, records[0].levels),
+                   "sweep": [{"lambda": lam, "fractions": p.fractions} for lam, p in zip(done, points)]}
     write_calibration(vector_dir, calibration)
     return calibration
 
@@ -103,7 +136,8 @@ def describe(vector_dir: str | os.PathLike) -> str:
 
 def add_cli(sub) -> None:
     from meav_merge.coefficients import lambdas_arg, number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
+    from meav_merge.cli.options import add_model
+    from meav_merge.resources import data_dir
 
     def _cmd_calibrate(args):
         cal = calibrate(args.vector, args.model, args.data, domain=args.domain, split=args.split,
@@ -113,7 +147,7 @@ def add_cli(sub) -> None:
 
     p = sub.add_parser("calibrate", help="record in a vector the λ at which each level is dominant")
     p.add_argument("vector", help="alignment-vector directory")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
+    add_model(p, "target model")
     p.add_argument("--data", default=str(data_dir()), help="data folder or file (default: the shipped data)")
     p.add_argument("--domain", help="domain to calibrate on (default: the vector's own)")
     p.add_argument("--split", default="validation", help="split to sweep (default: %(default)s)")
