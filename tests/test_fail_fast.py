@@ -88,3 +88,19 @@ def test_other_merge_methods_are_left_to_mergekit(project, tmp_path):
     proc = run_in(tmp_path, recipe)
     assert proc.returncode != 0
     assert "meav recipe" not in proc.stderr and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["judge", "--model", "models/nothere", "--domain", "medical", "--out", "o"],
+    ["sweep", "--model", "models/nothere", "--vector", "m=runs/medical/vector", "--out", "o"],
+    ["calibrate", "runs/medical/vector", "--model", "models/nothere"],
+    ["extract", "--aligned", "runs/nothere", "--base", "models/base", "--out", "o"],
+])
+def test_meav_commands_name_a_missing_model_folder_before_loading(project, tmp_path, argv):
+    # transformers would take the path for a Hub repo id and fail on the network, minutes later
+    proc = subprocess.run([str(Path(sys.executable).with_name("meav")), *argv], cwd=tmp_path, capture_output=True,
+                          text=True, env=ENV)
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert "no such directory" in line and f"relative to the current folder {tmp_path}" in line
+    assert not (tmp_path / "o").exists()

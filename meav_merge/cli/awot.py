@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from meav_merge.cli.options import add_config_args, add_data, add_model, add_output, config_from_args
+from meav_merge.cli.options import (add_config_args, add_data, add_model, add_output, config_from_args,
+                                    model_dir_arg)
 from meav_merge.coefficients import number_arg
 
 
@@ -112,7 +113,7 @@ def add_cli(subparsers) -> None:
 
     p = sub.add_parser("eval-hh", help="preference accuracy with and without AWOT (auto anchors from an aligned model)")
     add_model(p, "model to steer (also π_ref for anchor selection)")
-    p.add_argument("--aligned", required=True, help="aligned model (π*) with the same vocabulary")
+    p.add_argument("--aligned", required=True, type=model_dir_arg("--aligned"), help="aligned model (π*) with the same vocabulary")
     add_data(p, "anchors from its train split, accuracy on its test split")
     p.add_argument("--domain", default="safety", help="domain of --data to use (default: %(default)s)")
     p.add_argument("--top-k", type=_count("--top-k"), default=10, help="anchors per side (paper and default: 10)")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from meav_merge.cli.options import add_config_args, add_data, config_from_args, parse_named
+from meav_merge.cli.options import add_config_args, add_data, add_model, config_from_args, model_dir_arg, parse_named
 from meav_merge.coefficients import lambdas_arg
 from meav_merge.resources import DEFAULT_MODEL_DIR
 
@@ -158,7 +158,7 @@ def _add_train(sub) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--domain", help="medical, financial, legal, safety, helpfulness, or your own")
     target.add_argument("--joint", help="joint-training baseline, e.g. medical=avoidance,financial=generic,legal=expert")
-    p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="unaligned model (default: %(default)s)")
+    add_model(p, "unaligned model", flag="--base")
     add_data(p)
     p.add_argument("--out", required=True, help="run directory (aligned model, vector, logs)")
     p.add_argument("--preference-vector", action="store_true", help="also train on swapped pairs, write θ+ − θ−")
@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_base)
 
     p = sub.add_parser("extract", help="alignment vector AV = aligned − base, or preference vector θ+ − θ−")
-    p.add_argument("--aligned", required=True, help="aligned checkpoint (θ_aligned, or θ+ for a preference vector)")
-    p.add_argument("--base", help="unaligned model the vector is measured from and meant for")
+    p.add_argument("--aligned", required=True, type=model_dir_arg("--aligned"), help="aligned checkpoint (θ_aligned, or θ+ for a preference vector)")
+    p.add_argument("--base", type=model_dir_arg("--base"), help="unaligned model the vector is measured from and meant for")
     p.add_argument("--minus", help="θ− checkpoint (trained on swapped preferences): writes θ+ − θ−")
     p.add_argument("--out", required=True, help="output vector directory")
     p.add_argument("--domain", help="domain recorded in the vector's metadata")

@@ -70,8 +70,28 @@ def named_number_arg(key: str):
     return check
 
 
-def add_model(p: argparse.ArgumentParser, help: str = "target model directory") -> None:
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help=f"{help} (default: %(default)s)")
+def model_dir_arg(flag: str):
+    """An argparse ``type=`` for a local model directory, checked while the command line is read.
+
+    transformers takes any path that is not a directory for a Hub repo id, so a typo used to
+    end minutes later in "couldn't connect to huggingface.co"; this names the path and the
+    folder a relative one was resolved against, before anything loads."""
+
+    def check(text: str) -> str:
+        path = Path(text)
+        if path.is_dir():
+            return text
+        where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        hint = "; `meav base` materializes it" if path == DEFAULT_MODEL_DIR else ""
+        raise argparse.ArgumentTypeError(f"{text}: {'not a directory' if path.exists() else 'no such directory'}"
+                                          f"{where}{hint}")
+
+    check.__name__ = "DIR"
+    return check
+
+
+def add_model(p: argparse.ArgumentParser, help: str = "target model directory", flag: str = "--model") -> None:
+    p.add_argument(flag, default=str(DEFAULT_MODEL_DIR), type=model_dir_arg(flag), help=f"{help} (default: %(default)s)")
 
 
 def add_data(p: argparse.ArgumentParser, help: str = "data folder or JSONL file") -> None:

@@ -146,10 +146,11 @@ def _cmd_search(args) -> None:
 
 def add_cli(sub) -> None:
     from meav_merge.coefficients import number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
+    from meav_merge.cli.options import add_model
+    from meav_merge.resources import data_dir
 
     p = sub.add_parser("search", help="find multi-domain λ for target levels (few exact evaluations)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
+    add_model(p, "target model")
     p.add_argument("--vector", action="append", required=True, help="domain=DIR, once per domain")
     p.add_argument("--target", help="e.g. medical=avoidance,financial=generic,legal=expert")
     p.add_argument("--all", action="store_true", help="all 3^n target combinations")

@@ -97,10 +97,11 @@ def _cmd_spillover(args) -> None:
 
 def add_eval_cli(ev) -> None:
     from meav_merge.coefficients import lambdas_arg, number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
+    from meav_merge.cli.options import add_model
+    from meav_merge.resources import data_dir
 
     q = ev.add_parser("spillover", help="each domain vector alone at several λ, scored on every domain (Table 2)")
-    q.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="target model (default: %(default)s)")
+    add_model(q, "target model")
     q.add_argument("--vector", action="append", required=True, help="domain=DIR, once per domain")
     q.add_argument("--lambdas", default="-4,-2,-1,1,2,4", type=lambdas_arg(), help="λ values (default: %(default)s)")
     q.add_argument("--data", default=str(data_dir()), help="data folder or file (default: the shipped data)")

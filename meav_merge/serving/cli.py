@@ -45,10 +45,10 @@ def serve(args) -> None:
 
 def add_cli(subparsers) -> None:
     from meav_merge.coefficients import number_arg
-    from meav_merge.resources import DEFAULT_MODEL_DIR
+    from meav_merge.cli.options import add_model
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible server with per-request vector coefficients")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="base model (default: %(default)s)")
+    add_model(p, "base model")
     p.add_argument("--vector", action="append", metavar="NAME=DIR", help="serve this vector under NAME; repeat")
     p.add_argument("--recipe", action="append", metavar="NAME=YAML",
                    help="register the setting of a meav recipe as preset NAME (its vectors are served too)")

@@ -128,7 +128,7 @@ def _cmd_compress(args) -> None:
 
 
 def add_cli(subparsers) -> None:
-    from meav_merge.resources import DEFAULT_MODEL_DIR
+    from meav_merge.cli.options import add_model
 
     p = subparsers.add_parser("compress", help="low-rank (truncated SVD) copy of a vector; optional PEFT LoRA export")
     p.add_argument("vector", help="alignment-vector directory")
@@ -139,7 +139,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", default="same", choices=["same", "float32", "bfloat16", "float16"],
                    help="dtype of the stored factors (default: the vector's)")
     p.add_argument("--peft", metavar="DIR", help="also export the compressed vector as a PEFT LoRA adapter here")
-    p.add_argument("--base", default=str(DEFAULT_MODEL_DIR), help="model the adapter is for (default: %(default)s)")
+    add_model(p, "model the adapter is for", flag="--base")
     p.add_argument("--scale", type=float, default=1.0, help="λ baked into the adapter (default: %(default)s)")
     p.add_argument("--lora-only", action="store_true",
                    help="leave 1-D tensors (norms) out of the adapter, for servers that load LoRA weights only (vLLM)")
