@@ -9,6 +9,7 @@ import pytest
 
 from meav_merge.data.schema import load_records
 from meav_merge.cli.judge import add_cli
+from meav_merge.evaluation.fluency import distinct_2
 from meav_merge.evaluation.generation import generate_answers
 from meav_merge.evaluation.judge import judged_accuracy
 from meav_merge.evaluation.level_classifier import (LEVELS, UNPARSED, Answer, JudgeError, LevelClassifier,
@@ -297,7 +298,7 @@ def _parser():
 def test_cli_writes_answers_and_fractions(untied_dir, tmp_path, capsys, classifier):
     out = tmp_path / "judged"
     args = _parser().parse_args(["judge", "--model", str(untied_dir), "--domain", "legal", "--n", "3",
-                                 "--max-new-tokens", "8", "--out", str(out)])
+                                 "--max-new-tokens", "8", "--out", str(out), "--reference", str(untied_dir)])
     args.func(args)
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     result = json.loads((out / "judged.json").read_text())
@@ -307,8 +308,39 @@ def test_cli_writes_answers_and_fractions(untied_dir, tmp_path, capsys, classifi
     assert [result[lv] for lv in LEVELS] == pytest.approx([sum(r["label"] == lv for r in rows) / 3 for lv in LEVELS])
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and f"{classifier.heldout['overall']:.3f}" in printed
+    flu = result["fluency"]
+    assert flu["distinct_2"] == pytest.approx(sum(distinct_2(r["answer"]) for r in rows) / 3)
+    assert flu["reference_logprob"] < 0 and flu["reference"] == str(untied_dir)
+    assert f"mean log-prob under the unsteered {untied_dir} {flu['reference_logprob']:.2f}" in printed
     with pytest.raises(FileExistsError):  # refuses before generating anything
         args.func(args)
+
+
+def test_fluency_reference_logprob_is_the_answers_mean_logprob_after_its_prompt(untied_dir, tiny_tokenizer):
+    # checked against one plain forward pass over prompt + answer
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from meav_merge.evaluation.fluency import reference_logprobs
+    from meav_merge.evaluation.scoring import chat_context, encode_pair
+
+    model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype="float32")
+    records = load_records(data_dir(), "medical", "test")[:3]
+    answers = generate_answers(model, tiny_tokenizer, records, max_new_tokens=10, progress=False)
+    got = reference_logprobs(model, tiny_tokenizer, answers)
+    for a, value in zip(answers, got):
+        ctx_text = chat_context(tiny_tokenizer, a.query)
+        ctx, ws = encode_pair(tiny_tokenizer, ctx_text, "")
+        _, cont = encode_pair(tiny_tokenizer, ctx_text, a.text)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+        own = [logp[len(ctx) + i - 1, t] for i, t in enumerate(cont)][len(ws):]
+        assert value == pytest.approx(float(sum(own) / len(own)), abs=1e-4)
+
+
+def test_distinct_2_flags_loops():
+    assert distinct_2("the cat sat on the mat") == 1.0
+    assert distinct_2("in in in in in") == pytest.approx(1 / 4)
 
 
 def test_cli_rejects_bad_arguments(untied_dir, tmp_path):

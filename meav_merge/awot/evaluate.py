@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from meav_merge.awot import AWOTConfig, AWOTSteering, Anchors, load_causal_lm, manual_anchors
 from meav_merge.data.schema import iter_jsonl
 from meav_merge.io.rows import write_rows_csv
+from meav_merge.evaluation.fluency import distinct_2
 
 BASE_PROMPT = "Here is a movie review from imdb: {text}"
 # Appendix A.2 (adapted by the authors from the LLaMA2 safety prompt).
@@ -114,13 +115,6 @@ def vader_reward(text: str) -> float:
 
         _VADER = SentimentIntensityAnalyzer()
     return float(_VADER.polarity_scores(text)["compound"])
-
-
-def distinct_2(text: str) -> float:
-    """Unique word bigrams / bigrams: low values flag repetitive, degenerate text."""
-    w = text.split()
-    grams = list(zip(w, w[1:]))
-    return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def format_prompt(tokenizer, opening: str, system: Optional[str], prompt_format: str) -> str:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from meav_merge.cli.options import (add_config_args, add_data, add_model, add_output, add_vectors, config_from_args,
-                                    named_number_arg, named_numbers, named_vectors)
+                                    model_dir_arg, named_number_arg, named_numbers, named_vectors)
 from meav_merge.coefficients import number_arg
 from meav_merge.evaluation.level_classifier import LEVELS, UNPARSED, JudgeError, LevelClassifierConfig
 
@@ -49,6 +49,23 @@ def _write(out: Path, answers, labels, result: dict) -> None:
     (out / "judged.json").write_text(json.dumps(result, indent=2))
 
 
+def _fluency(args, rm, answers, vectors) -> dict:
+    """distinct-2, and the answers' log-prob under an unsteered model: --reference, or the
+    target itself at λ = 0 when the steering came from --vector."""
+    from meav_merge.evaluation.fluency import fluency_summary, reference_logprobs
+
+    logprobs = None
+    if args.reference:
+        from meav_merge.evaluation.sweep import ReweightableModel
+
+        ref = ReweightableModel(args.reference)
+        logprobs = reference_logprobs(ref.model, ref.tokenizer, answers, system=args.system)
+    elif vectors:
+        rm.set([0.0] * len(vectors))
+        logprobs = reference_logprobs(rm.model, rm.tokenizer, answers, system=args.system)
+    return {**fluency_summary(answers, logprobs), "reference": str(args.reference or args.model) if logprobs else None}
+
+
 def _cmd_judge(args) -> None:
     from meav_merge.data.schema import load_records
     from meav_merge.evaluation.generation import generate_answers
@@ -73,6 +90,7 @@ def _cmd_judge(args) -> None:
                                system=args.system, batch_size=args.batch_size)
     labels = judge.judge(answers)
     result = judged_accuracy(answers, judge, labels)
+    result["fluency"] = _fluency(args, rm, answers, vectors)
     result["config"] = {"model": str(args.model), "vectors": vectors, "lambdas": lambdas,
                         "domain": args.domain, "data": str(args.data), "split": args.split, "n": len(records),
                         "max_new_tokens": args.max_new_tokens, "system": args.system,
@@ -82,6 +100,10 @@ def _cmd_judge(args) -> None:
     lam = ", ".join(f"{n} λ={x:g}" for n, x in lambdas.items()) or "no vectors"
     print(_format_table(result, f"judged generation accuracy: {args.domain} {args.split}, n={len(records)}, {lam}, "
                                 f"judge={args.judge}"))
+    flu = result["fluency"]
+    print(f"fluency: distinct-2 {flu['distinct_2']:.2f}" + (
+        f", mean log-prob under the unsteered {flu['reference']} {flu['reference_logprob']:.2f}"
+        if flu.get("reference_logprob") is not None else " (pass --reference BASE for the log-prob check)"))
     print(f"{result['config']['stopped_at_max_new_tokens']}/{len(records)} answers stopped at "
           f"--max-new-tokens {args.max_new_tokens}; written to {args.out}")
 
@@ -95,6 +117,8 @@ def add_cli(subparsers) -> None:
                    type=named_number_arg("--lambda"),
                    help="coefficient of each --vector by its NAME, e.g. medical=4.0 (repeat or comma-separate)")
     p.add_argument("--transfer", action="store_true", help="allow vectors extracted from a different base model")
+    p.add_argument("--reference", type=model_dir_arg("--reference"), help="unsteered model for the fluency check (the answers' log-prob under it; "
+                                       "default: --model at λ = 0 when --vector is given)")
     p.add_argument("--domain", required=True, help="domain to answer queries of, e.g. medical")
     add_data(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
