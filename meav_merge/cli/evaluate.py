@@ -83,7 +83,9 @@ def _add_common(q, lambdas_default: str | None) -> None:
 
 def add_cli(sub) -> None:
     p = sub.add_parser("sweep", help="preference accuracy across λ, re-weighting the model in memory")
-    _add_common(p, "-1.5:1.0:0.1")
+    # the calibration grid: CPU-preset vectors reach expert near +1..+2 and avoidance near −1..−4,
+    # which the old default (−1.5..1.0) missed, and 13 points cost half of its 26
+    _add_common(p, "-4,-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4")
     add_vectors(p, help="NAME=DIR, the name being the domain scored; several vectors sweep their weighted sum "
                         "(repeat the flag or comma-separate)")
     p.add_argument("--weight", action="append", metavar="NAME=W", type=named_number_arg("--weight"),

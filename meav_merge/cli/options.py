@@ -70,6 +70,10 @@ def named_number_arg(key: str):
     return check
 
 
+def _local_dir(path: Path) -> bool:
+    return path.is_dir()
+
+
 def model_dir_arg(flag: str):
     """An argparse ``type=`` for a local model directory, checked while the command line is read.
 
@@ -79,7 +83,7 @@ def model_dir_arg(flag: str):
 
     def check(text: str) -> str:
         path = Path(text)
-        if path.is_dir():
+        if _local_dir(path):
             return text
         where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
         hint = "; `meav base` materializes it" if path == DEFAULT_MODEL_DIR else ""
