@@ -107,3 +107,28 @@ def test_serve_preset_from_a_recipe_names_vectors_by_domain_and_resolves_levels(
     vectors: dict = {}
     assert preset_from_recipe(recipe, vectors) == (("legal", 0.6), ("vec", -0.5))  # no domain: folder name
     assert vectors == {"vec": str(calibrated), "legal": str(other)}
+
+
+def test_eval_grid_scores_every_combination_like_single_points(search_setup, tmp_path, capsys):
+    # `meav eval grid`: the Preference Vectors paper's η × η table, for any vectors
+    from meav_merge.data.schema import load_records
+    from meav_merge.evaluation.scoring import prepare
+    from meav_merge.evaluation.sweep import ReweightableModel, evaluate_point
+    from meav_merge.vectors.alignment_vector import AlignmentVector
+
+    base, data, vectors = search_setup
+    out = tmp_path / "grid"
+    assert main(["eval", "grid", "--model", str(base), "--data", str(data), "--vector",
+                 f"medical={vectors['medical']},legal={vectors['legal']}", "--values", "-1,0,2",
+                 "--domains", "medical,legal", "--split", "validation", "--out", str(out)]) == 0
+    rows = json.loads((out / "grid.json").read_text())["rows"]
+    assert [(r["medical"], r["legal"]) for r in rows] == [(a, b) for a in (-1, 0, 2) for b in (-1, 0, 2)]
+    rm = ReweightableModel(base, [AlignmentVector.load(vectors[d]) for d in ("medical", "legal")])
+    recs = load_records(data, "legal", "validation")
+    point = evaluate_point(rm, [2.0, -1.0], prepare(rm.tokenizer, recs), recs[0].levels)
+    row = next(r for r in rows if (r["medical"], r["legal"]) == (2, -1))
+    assert {lv: row[f"legal:{lv}"] for lv in recs[0].levels} == point.fractions
+    assert (out / "grid_medical_expert.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "grid", "--model", str(base), "--data", str(data), "--vector", f"m={vectors['medical']}",
+                 "--out", str(tmp_path / "g1")]) != 0
+    assert "a grid needs two or more vectors" in capsys.readouterr().err and not (tmp_path / "g1").exists()

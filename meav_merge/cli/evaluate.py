@@ -42,6 +42,32 @@ def _cmd_ood(args) -> None:
     print(format_wide_table(rows))
 
 
+def _cmd_grid(args) -> None:
+    from meav_merge.evaluation.sweep import ReweightableModel
+    from meav_merge.evaluation.tables import format_wide_table, grid_table, plot_grid
+    from meav_merge.io.checkpoint import atomic_output_dir
+    from meav_merge.io.rows import write_rows_csv
+    from meav_merge.vectors.alignment_vector import AlignmentVector
+
+    vectors = named_vectors(args.vector)
+    if len(vectors) < 2:
+        raise ValueError(f"--vector: a grid needs two or more vectors, not {len(vectors)}")
+    if len(args.values) ** len(vectors) > 400:
+        raise ValueError(f"--values: {len(args.values)}^{len(vectors)} points is over 400; use `meav search`")
+    domains = args.domains.split(",")
+    rm = ReweightableModel(args.model, [AlignmentVector.load(v) for v in vectors.values()], transfer=args.transfer)
+    rows = grid_table(rm, list(vectors), args.values, args.data, domains, split=args.split, limit=args.limit)
+    with atomic_output_dir(args.out, force=args.force) as tmp:
+        write_rows_csv(rows, tmp / "grid.csv")
+        (tmp / "grid.json").write_text(json.dumps({"vectors": vectors, "split": args.split, "limit": args.limit,
+                                                   "rows": rows}, indent=2))
+        for col in [k for k in rows[0] if ":" in k]:
+            plot_grid(rows, list(vectors), col, tmp / f"grid_{col.replace(':', '_')}.png",
+                      f"{col} ({args.split}), over η of {' and '.join(list(vectors)[:2])}")
+    print(format_wide_table(rows, first=next(iter(vectors))))
+    print(f"wrote {args.out}/grid.csv, grid.json and one heatmap per domain level")
+
+
 def _cmd_table1(args) -> None:
     from meav_merge.data.schema import load_records
     from meav_merge.evaluation.sweep import ReweightableModel
@@ -104,6 +130,18 @@ def add_cli(sub) -> None:
                    help="comma-separated domains to score (default: %(default)s)")
     add_output(q, "output directory (ood.csv, ood.json)")
     q.set_defaults(func=_cmd_ood)
+
+    q = ev.add_parser("grid", help="every combination of coefficients for several vectors, each domain scored "
+                                   "(the Preference Vectors paper's η_help × η_harm table)")
+    _add_common(q, None)
+    add_vectors(q, help="NAME=DIR of each vector (two or more; the first two are the heatmaps' axes)")
+    q.add_argument("--values", default="-1,-0.5,0,0.5,1", type=lambdas_arg("--values"),
+                   help="coefficients each vector takes (default: %(default)s, the paper's η)")
+    q.add_argument("--domains", default="helpfulness,safety", help="comma-separated domains to score "
+                                                                   "(default: %(default)s)")
+    q.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+    add_output(q, "output directory (grid.csv, grid.json, heatmaps)")
+    q.set_defaults(func=_cmd_grid)
 
     q = ev.add_parser("table1", help="default vs prompting vs MEAV on one domain (paper Table 1)")
     _add_common(q, None)

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from tqdm.auto import tqdm
+
 from meav_merge.io.checkpoint import atomic_output_dir
 from meav_merge.data.schema import Record, load_records
 from meav_merge.evaluation.sweep import (ReweightableModel, SweepPoint, dominance_ranges, evaluate_point, format_table,
@@ -89,23 +91,66 @@ def run_sweep(model: str, vectors: Mapping[str, str | os.PathLike], lambdas: str
     return summaries
 
 
+def _prepared_domains(rm: ReweightableModel, data: str, domains: Sequence[str], split: str, limit: Optional[int]):
+    prepared = {}
+    for dom in domains:
+        recs = load_records(data, dom, split)[: limit or None]
+        prepared[dom] = (prepare(rm.tokenizer, recs), list(recs[0].levels))
+    return prepared
+
+
+def _score_row(rm: ReweightableModel, row: dict, coefficients: Sequence[float], prepared: dict) -> dict:
+    for dom, (prep, levels) in prepared.items():
+        point = evaluate_point(rm, coefficients, prep, levels)
+        row.update({f"{dom}:{lv}": point.fractions[lv] for lv in levels})
+    return row
+
+
 def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domains: Sequence[str],
               split: str = "test", limit: Optional[int] = None,
               direction: Optional[Sequence[float]] = None) -> List[dict]:
     """Move the model along ``direction`` (default: every loaded vector at weight 1) by each λ
     and score every listed domain (paper Tables 2, 7, 8)."""
-    prepared = {}
-    for dom in domains:
-        recs = load_records(data, dom, split)[: limit or None]
-        prepared[dom] = (prepare(rm.tokenizer, recs), list(recs[0].levels))
-    rows = []
-    for lam in lambdas:
-        row = {"lambda": lam}
-        for dom, (prep, levels) in prepared.items():
-            point = evaluate_point(rm, rm.along(lam, direction), prep, levels)
-            row.update({f"{dom}:{lv}": point.fractions[lv] for lv in levels})
-        rows.append(row)
-    return rows
+    prepared = _prepared_domains(rm, data, domains, split, limit)
+    return [_score_row(rm, {"lambda": lam}, rm.along(lam, direction), prepared) for lam in lambdas]
+
+
+def grid_table(rm: ReweightableModel, names: Sequence[str], values: Sequence[float], data: str,
+               domains: Sequence[str], split: str = "test", limit: Optional[int] = None) -> List[dict]:
+    """Every combination of ``values`` for the loaded vectors (named ``names``), each domain scored:
+    the Preference Vectors paper's η_help × η_harm table, or any multi-domain grid."""
+    import itertools
+
+    prepared = _prepared_domains(rm, data, domains, split, limit)
+    combos = list(itertools.product(values, repeat=len(names)))
+    return [_score_row(rm, dict(zip(names, combo)), combo, prepared)
+            for combo in tqdm(combos, desc="grid", unit="point")]
+
+
+def plot_grid(rows: Sequence[dict], names: Sequence[str], column: str, path: Path, title: str) -> Path:
+    """A heatmap of ``column`` over the first two coefficients (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys = sorted({r[names[0]] for r in rows}), sorted({r[names[1]] for r in rows})
+    grid = [[next(r[column] for r in rows if r[names[0]] == x and r[names[1]] == y) for x in xs] for y in ys]
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    im = ax.imshow(grid, origin="lower", vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set_xlabel(f"η {names[0]}")
+    ax.set_ylabel(f"η {names[1]}")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
+    fig.colorbar(im, ax=ax, label=column)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def format_wide_table(rows: Sequence[dict], first: str = "lambda") -> str:
