@@ -132,3 +132,12 @@ def test_eval_grid_scores_every_combination_like_single_points(search_setup, tmp
     assert main(["eval", "grid", "--model", str(base), "--data", str(data), "--vector", f"m={vectors['medical']}",
                  "--out", str(tmp_path / "g1")]) != 0
     assert "a grid needs two or more vectors" in capsys.readouterr().err and not (tmp_path / "g1").exists()
+
+
+def test_sweep_command_writes_its_files_and_says_where(search_setup, tmp_path, capsys):
+    base, data, vectors = search_setup
+    out = tmp_path / "sw"
+    assert main(["sweep", "--model", str(base), "--data", str(data), "--vector", f"medical={vectors['medical']}",
+                 "--split", "validation", "--lambdas=-1,0,1", "--out", str(out)]) == 0
+    assert {f.name for f in out.iterdir()} == {"sweep_medical.csv", "sweep_medical.json", "sweep_medical.png"}
+    assert f"wrote sweep_medical.csv/.json/.png into {out}" in capsys.readouterr().out

@@ -21,9 +21,10 @@ def _cmd_sweep(args) -> None:
 
     vectors = named_vectors(args.vector)
     weights = named_numbers(args.weight, "--weight", vectors) if args.weight else None
-    run_sweep(args.model, vectors, args.lambdas, args.data, args.out, weights=weights,
-              domains=[args.domain] if args.domain else None, split=args.split, transfer=args.transfer,
-              force=args.force, limit=args.limit)
+    summaries = run_sweep(args.model, vectors, args.lambdas, args.data, args.out, weights=weights,
+                          domains=[args.domain] if args.domain else None, split=args.split, transfer=args.transfer,
+                          force=args.force, limit=args.limit)
+    print(f"wrote {', '.join(f'sweep_{d}.csv/.json/.png' for d in summaries)} into {args.out}")
 
 
 def _cmd_ood(args) -> None:
@@ -40,6 +41,7 @@ def _cmd_ood(args) -> None:
         write_rows_csv(rows, tmp / "ood.csv")
         (tmp / "ood.json").write_text(json.dumps({"vector": {name: path}, "rows": rows}, indent=2))
     print(format_wide_table(rows))
+    print(f"wrote {args.out}/ood.csv and ood.json")
 
 
 def _cmd_grid(args) -> None:
@@ -94,6 +96,7 @@ def _cmd_table1(args) -> None:
         write_rows_csv(rows, tmp / "table1.csv")
         (tmp / "table1.json").write_text(json.dumps({"domain": domain, "rows": rows}, indent=2))
     print(format_wide_table(rows, first="technique"))
+    print(f"wrote {args.out}/table1.csv and table1.json")
 
 
 def _add_common(q, lambdas_default: str | None) -> None:
