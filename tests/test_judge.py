@@ -338,6 +338,19 @@ def test_fluency_reference_logprob_is_the_answers_mean_logprob_after_its_prompt(
         assert value == pytest.approx(float(sum(own) / len(own)), abs=1e-4)
 
 
+def test_repetition_penalty_reaches_generation(untied_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(untied_dir), dtype="float32")
+    records = load_records(data_dir(), "medical", "test")[:3]
+    plain = generate_answers(model, tiny_tokenizer, records, max_new_tokens=24, progress=False)
+    penalised = generate_answers(model, tiny_tokenizer, records, max_new_tokens=24, progress=False,
+                                 repetition_penalty=1e4)
+    assert [a.text for a in plain] != [a.text for a in penalised]
+    again = generate_answers(model, tiny_tokenizer, records, max_new_tokens=24, progress=False, repetition_penalty=1e4)
+    assert [a.text for a in again] == [a.text for a in penalised]  # still deterministic
+
+
 def test_distinct_2_flags_loops():
     assert distinct_2("the cat sat on the mat") == 1.0
     assert distinct_2("in in in in in") == pytest.approx(1 / 4)

@@ -87,13 +87,15 @@ def _cmd_judge(args) -> None:
     if vectors:
         rm.set(list(lambdas.values()))
     answers = generate_answers(rm.model, rm.tokenizer, records, max_new_tokens=args.max_new_tokens,
-                               system=args.system, batch_size=args.batch_size)
+                               system=args.system, batch_size=args.batch_size,
+                               repetition_penalty=args.repetition_penalty)
     labels = judge.judge(answers)
     result = judged_accuracy(answers, judge, labels)
     result["fluency"] = _fluency(args, rm, answers, vectors)
     result["config"] = {"model": str(args.model), "vectors": vectors, "lambdas": lambdas,
                         "domain": args.domain, "data": str(args.data), "split": args.split, "n": len(records),
                         "max_new_tokens": args.max_new_tokens, "system": args.system,
+                        "repetition_penalty": args.repetition_penalty,
                         "stopped_at_max_new_tokens": sum(not a.finished for a in answers)}
     with atomic_output_dir(args.out, force=args.force) as tmp:
         _write(tmp, answers, labels, result)
@@ -127,6 +129,9 @@ def add_cli(subparsers) -> None:
                    help="answer only the first N queries of the split (default: all)")
     p.add_argument("--max-new-tokens", type=number_arg("--max-new-tokens", integer=True, positive=True), default=128,
                    help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=number_arg("--repetition-penalty", positive=True), default=1.0,
+                   help="HF repetition penalty, still greedy (default: %(default)s, plain greedy as the paper; "
+                        "1.3 keeps steered answers out of loops)")
     p.add_argument("--batch-size", type=number_arg("--batch-size", integer=True, positive=True), default=8,
                    help="answers generated together (default: %(default)s)")
     p.add_argument("--system", help="system prompt for the chat template")

@@ -72,11 +72,13 @@ def cut_at_stop(new: Sequence[int], stop: Sequence[int]) -> Tuple[List[int], boo
 
 def generate_answers(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 128,
                      system: Union[None, str, Sequence[Optional[str]]] = None, batch_size: int = 8,
-                     progress: bool = True) -> List[Answer]:
+                     progress: bool = True, repetition_penalty: float = 1.0) -> List[Answer]:
     """Greedy answers to each record's chat-formatted query, at most ``max_new_tokens`` tokens.
 
     ``system`` is one system prompt for all records or one per record (several prompting
-    variants then share the decoding steps of one batch).
+    variants then share the decoding steps of one batch). ``repetition_penalty`` > 1 is
+    HF's (CTRL's) penalty, still deterministic: steered 135M models fall into loops under
+    plain greedy decoding, and the AWOT paper generates with 1.5.
 
     The prompt is ``scoring.chat_context`` (the preference metric's context) tokenized the way
     lm-eval's HF backend does, so the ``meav_gen`` task generates the same answers.
@@ -90,7 +92,8 @@ def generate_answers(model, tokenizer, records: Sequence[Record], max_new_tokens
         raise JudgeError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     stop = stop_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer, stop)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad,
+                               repetition_penalty=repetition_penalty)
     systems = [system] * len(records) if system is None or isinstance(system, str) else list(system)
     if len(systems) != len(records):
         raise JudgeError(f"got {len(systems)} system prompts for {len(records)} records")
