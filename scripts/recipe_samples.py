@@ -74,9 +74,15 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"n": args.n, "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty,
-               "recipes": {}}
+               "recipes": {}, "base": {}}
+    previous = args.out / "summary.json"
+    if previous.is_file():  # a rerun of some recipes keeps the others' results (same settings only)
+        old = json.loads(previous.read_text())
+        if all(old.get(k) == summary[k] for k in ("n", "max_new_tokens", "repetition_penalty")):
+            summary["recipes"], summary["base"] = old["recipes"], old["base"]
     base_domains = sorted({d for r in args.recipes.split(",") for d in RECIPES[r]})
-    summary["base"] = {d: _judge(BASE, d, args.out / "base" / d, args) for d in base_domains}
+    summary["base"].update({d: _judge(BASE, d, args.out / "base" / d, args) for d in base_domains
+                            if d not in summary["base"]})
     for name in args.recipes.split(","):
         recipe = ROOT / "yaml_recipes" / f"{name}.yaml"
         missing = _missing_inputs(recipe)
