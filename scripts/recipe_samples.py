@@ -60,8 +60,15 @@ def _judge(model: Path, domain: str, out: Path, args) -> dict:
 
 
 def _resolved_lambdas(merged: Path) -> list:
-    card = (merged / "README.md").read_text()
-    return [line.strip() for line in card.splitlines() if "λ" in line and line.strip().startswith("|")][:6]
+    """The card's vector table rows: each vector with its λ (and the level it was resolved from)."""
+    lines = (merged / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| vector | λ |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(" | ".join(cell.strip() for cell in line.strip("|").split("|")[:2]))
+    return rows
 
 
 def main() -> None:
