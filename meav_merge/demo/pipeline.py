@@ -67,9 +67,14 @@ class DemoConfig:
     # 40 is the smallest validation split of the proficiency domains (issue 13 asks ≥ 40).
     calibration_queries: int = _opt(40, "validation queries per domain for each vector's calibration "
                                         "(the λ per level that `level:` in a recipe resolves to)", positive=True)
+    # The demo's vectors find every level within |λ| ≤ 1.5; a level that is never dominant (financial
+    # generic) costs every point of the grid, so the demo's grid stops at ±2 (9 points, not 13).
+    calibration_lambdas: Tuple[float, ...] = _opt((-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0),
+                                                  "λ the calibration may try", parse=lambdas_arg())
 
     def __post_init__(self):
         self.lambdas = tuple(self.lambdas)
+        self.calibration_lambdas = tuple(self.calibration_lambdas)
 
 
 class Pipeline:
@@ -154,12 +159,14 @@ def _calibrate_steps(pipe: Pipeline, cfg: DemoConfig) -> None:
         def calibrate_one(domain=domain, vector=vector):
             from meav_merge.vectors.calibration import calibrate
 
-            cal = calibrate(vector, cfg.model_dir, cfg.data, domain=domain, limit=cfg.calibration_queries)
+            cal = calibrate(vector, cfg.model_dir, cfg.data, domain=domain, limit=cfg.calibration_queries,
+                            lambdas=cfg.calibration_lambdas)
             return {"levels": cal["levels"], "n": cal["n"], "split": cal["split"]}
 
         pipe.run(f"calibrate_{domain}", calibrate_one,
                  {"trained": pipe.state[f"train_{domain}"]["key"], "fingerprint":
-                  pipe.state[f"train_{domain}"]["result"]["fingerprint"], "queries": cfg.calibration_queries},
+                  pipe.state[f"train_{domain}"]["result"]["fingerprint"], "queries": cfg.calibration_queries,
+                  "lambdas": cfg.calibration_lambdas},
                  [vector / "meav_vector.json"], f"`meav calibrate {vector} --limit {cfg.calibration_queries}` "
                                                 "reproduces it alone.")
 
