@@ -112,7 +112,8 @@ def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domain
     """Move the model along ``direction`` (default: every loaded vector at weight 1) by each λ
     and score every listed domain (paper Tables 2, 7, 8)."""
     prepared = _prepared_domains(rm, data, domains, split, limit)
-    return [_score_row(rm, {"lambda": lam}, rm.along(lam, direction), prepared) for lam in lambdas]
+    return [_score_row(rm, {"lambda": lam}, rm.along(lam, direction), prepared)
+            for lam in tqdm(lambdas, desc="out-of-domain", unit="λ")]
 
 
 def grid_table(rm: ReweightableModel, names: Sequence[str], values: Sequence[float], data: str,
