@@ -96,7 +96,9 @@ def test_nonfinite_lambda_is_refused_by_plain_mergekit_yaml(tiny_dirs, vector, t
     (["search", "--vector", "medical=v", "--out", "o", "--high", "inf"], "argument --high"),
     (["judge", "--domain", "medical", "--out", "o", "--vector", "v=v", "--lambda", "v=nan"], "argument --lambda"),
 ])
-def test_nonfinite_command_line_numbers_fail_naming_the_option(argv, needle):
+def test_nonfinite_command_line_numbers_fail_naming_the_option(argv, needle, tmp_path):
+    # model folders are checked while the command line is read too: give an existing one
+    argv = [str(tmp_path) if i and argv[i - 1] == "--model" else a for i, a in enumerate(argv)]
     rc, _, err = cli(*argv)
     assert rc == 2
     one_line_error(err, needle)
