@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.func import functional_call
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS
 from meav_merge.evaluation.scoring import PreparedQuery
-from meav_merge.evaluation.top_layer import token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +65,11 @@ class BlockCoefficientFit:
         if scorer is None:
             raise ValueError("per-block fitting needs vectors that change only the top layers of a supported model")
         self.rm, self.scorer = rm, scorer
-        n_layers = rm.model.config.num_hidden_layers
-        self.first = n_layers - scorer.k
         self.blocks = sorted({block_of(n) for n in rm.changing})
         self.names = list(rm.changing)
         self.block_index = torch.tensor([self.blocks.index(block_of(n)) for n in self.names])
         self.deltas = [[v[n].to(torch.float32) for n in self.names] for v in rm.vectors]
-        # parameter names inside the top stack (layers renumbered from 0, final norm as `norm`)
-        self.local = [self._local_name(n) for n in self.names]
-
-    def _local_name(self, name: str) -> str:
-        m = _LAYER.match(name)
-        if m:
-            return f"layers.{int(m.group(1)) - self.first}." + name[m.end():]
-        return name.removeprefix("model.")
+        self.local = [scorer.local_name(n) for n in self.names]
 
     def expand(self, scalars: Sequence[float]) -> torch.Tensor:
         """c[v, b] with every block of vector v at its scalar λ_v."""
@@ -97,28 +86,7 @@ class BlockCoefficientFit:
 
     def scores(self, coef: torch.Tensor, queries: Sequence[PreparedQuery]) -> torch.Tensor:
         """[queries, levels] token-mean log-probs at c, differentiable in c."""
-        params = self._params(coef)
-        head = self.rm.model.lm_head
-        rows = []
-        for q in queries:
-            ctx, resp = self.scorer._trunk_states(q)
-            seqs = [torch.cat([ctx, r]) for r in resp]
-            width = max(len(s) for s in seqs)
-            emb = torch.zeros(len(seqs), width, ctx.shape[-1], dtype=ctx.dtype)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for j, s in enumerate(seqs):
-                emb[j, : len(s)], mask[j, : len(s)] = s, 1
-            hidden = functional_call(self.scorer.top, params, args=(),
-                                     kwargs=dict(inputs_embeds=emb, attention_mask=mask, use_cache=False)
-                                     ).last_hidden_state
-            lc = len(q.context_ids)
-            row = []
-            for j, c in enumerate(q.continuations):
-                # position lc−1+t predicts continuation token t
-                lp = token_logprobs(head, hidden[j, lc - 1: lc - 1 + len(c)], torch.tensor(c))
-                row.append(lp[q.n_whitespace:].mean())
-            rows.append(torch.stack(row))
-        return torch.stack(rows)
+        return self.scorer.scores_with(self._params(coef), queries)
 
     def loss(self, coef: torch.Tensor, prepared: Dict[str, Sequence[PreparedQuery]], target: Dict[str, str],
              tau: float) -> torch.Tensor:

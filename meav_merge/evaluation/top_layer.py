@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from meav_merge.evaluation.scoring import continuation_layout
 from meav_merge.layers import SUPPORTED_MODEL_TYPES, cache_arg, kv_cache, sub_model
@@ -69,6 +70,38 @@ class TopLayerScorer:
                     for c in q.continuations]
             self.states[key] = (out.last_hidden_state[0], resp)
         return self.states[key]
+
+    def local_name(self, name: str) -> str:
+        """A model tensor's name inside ``self.top`` (layers renumbered from 0, the final norm as ``norm``)."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            n = self.model.config.num_hidden_layers
+            return f"layers.{int(m.group(1)) - (n - self.k)}." + name[m.end():]
+        return name.removeprefix("model.")
+
+    def scores_with(self, params: Dict[str, torch.Tensor], queries) -> torch.Tensor:
+        """[queries, levels] token-mean log-probs with the top stack's tensors replaced by ``params``
+        (names from ``local_name``), differentiable in them: one padded row per response."""
+        rows = []
+        for q in queries:
+            ctx, resp = self._trunk_states(q)
+            seqs = [torch.cat([ctx, r]) for r in resp]
+            width = max(len(s) for s in seqs)
+            emb = torch.zeros(len(seqs), width, ctx.shape[-1], dtype=ctx.dtype)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for j, s in enumerate(seqs):
+                emb[j, : len(s)], mask[j, : len(s)] = s, 1
+            hidden = functional_call(self.top, params, args=(),
+                                     kwargs=dict(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+                                     ).last_hidden_state
+            lc = len(q.context_ids)
+            row = []
+            for j, c in enumerate(q.continuations):
+                # position lc−1+t predicts continuation token t
+                lp = token_logprobs(self.model.lm_head, hidden[j, lc - 1: lc - 1 + len(c)], torch.tensor(c))
+                row.append(lp[q.n_whitespace:].mean())
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
 
     @torch.no_grad()
     def score(self, queries, pad_id: int = 0) -> List[List[float]]:

@@ -161,3 +161,6 @@ def add_cli(sub) -> None:
     q = v.add_parser("info", help="provenance, norms and calibration of a vector")
     q.add_argument("dir", help="alignment-vector directory")
     q.set_defaults(func=lambda args: print(describe(args.dir)))
+    from meav_merge.vectors.orthogonalize import add_vector_cli
+
+    add_vector_cli(v)
