@@ -149,3 +149,30 @@ def test_spillover_separates_own_domain_from_the_others(setup):
     assert fin["spill"] == 0.0
     assert sum(v is not None for v in fin["control"].values()) <= 1
     assert len(out["rows"]) == 6 and out["n"] == {"medical": 6, "financial": 6, "legal": 6}
+
+
+def test_levels_strategy_composes_each_vectors_calibration(setup, tmp_path):
+    """Domain-specific vectors: each target is met at the λ each vector's own calibration gives
+    its level, one exact evaluation per target and no search."""
+    import shutil
+
+    from meav_merge.evaluation.strategies import calibrated_point, levels_search
+    from meav_merge.vectors.calibration import calibrate
+
+    base, data, vectors = setup
+    copies = {}
+    for d, path in vectors.items():
+        copies[d] = shutil.copytree(path, tmp_path / d)
+        calibrate(copies[d], base, data, lambdas=[-2.0, -1.0, 0.0, 1.0, 2.0])
+    rm = ReweightableModel(base, [AlignmentVector.load(copies[d]) for d in ("medical", "financial", "legal")])
+    ev = ExactEvaluator(rm, str(data), ["medical", "financial", "legal"], split="validation")
+    fin_ok = max((fr := ev((0.0, 0.0, 0.0)).fractions["financial"]), key=fr.get)
+    targets = [{"medical": m, "financial": fin_ok, "legal": l} for m in ("expert", "avoidance")
+               for l in ("expert", "avoidance")]
+    results = levels_search(ev, targets, budget=len(targets) + 1)
+    assert all(r.reached for r in results)
+    assert ev.count == len(targets) + 1  # λ = 0 above, then one point per target
+    metas = [v.meta for v in rm.vectors]
+    for r, t in zip(results, targets):
+        assert r.coefficients == calibrated_point(metas, t)
+        assert (r.coefficients[0] > 0) == (t["medical"] == "expert") and r.coefficients[1] == 0.0

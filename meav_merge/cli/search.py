@@ -17,7 +17,7 @@ import yaml
 from meav_merge.data.schema import PROFICIENCY_LEVELS
 from meav_merge.evaluation.search import Target, all_targets
 
-STRATEGIES = ("surrogate", "grid", "cmaes", "gradient")
+STRATEGIES = ("surrogate", "grid", "cmaes", "gradient", "levels")
 SHORT = {"expert": "Exp", "generic": "Gen", "avoidance": "Avd"}
 
 
@@ -78,11 +78,13 @@ def _targets(args, domains: List[str]) -> List[Target]:
 
 def run_strategy(strategy: str, evaluator, targets, args):
     from meav_merge.evaluation.search import SearchConfig, grid_search, search
-    from meav_merge.evaluation.strategies import cmaes_search, gradient_refine
+    from meav_merge.evaluation.strategies import cmaes_search, gradient_refine, levels_search
 
     blocks = {}
     if strategy == "grid":
         results = grid_search(evaluator, targets, step=args.grid_step, low=args.low, high=args.high)
+    elif strategy == "levels":
+        results = levels_search(evaluator, targets, budget=args.budget, low=args.low, high=args.high)
     elif strategy == "cmaes":
         results = cmaes_search(evaluator, targets, budget=args.budget, low=args.low, high=args.high)
     else:
@@ -162,7 +164,7 @@ def add_cli(sub) -> None:
                    help="queries per domain for fitting")
     p.add_argument("--report-limit", type=number_arg("--report-limit", integer=True, positive=True),
                    help="queries per domain for the held-out report")
-    p.add_argument("--strategy", choices=STRATEGIES, default="surrogate", help="how to spend the budget")
+    p.add_argument("--strategy", choices=STRATEGIES, default="surrogate", help="how to spend the budget (levels: first the λ each vector's calibration gives each level)")
     p.add_argument("--budget", type=number_arg("--budget", integer=True, positive=True), default=100,
                    help="most exact evaluations to spend; the surrogate strategy first probes each axis and "
                         "pair, 1 + 6n + 2n(n-1) evaluations for n vectors (31 for 3), whatever the budget "

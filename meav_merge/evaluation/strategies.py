@@ -6,6 +6,10 @@
   fitted by gradient from its best scalar point (``coefficient_fit``), then checked
   exactly. Each gradient step scores the fitting queries once, so it is counted as one
   evaluation, which keeps the comparison at an equal budget honest.
+- ``levels_search``: each target first at the λ each vector's own calibration gives its
+  level (one evaluation per target): with domain-specific vectors the levels compose,
+  so this is the whole search; the surrogate search spends what budget is left on the
+  targets it misses.
 - ``held_out``: every result re-scored on another split. Coefficients are fitted on
   validation; what is reported comes from test.
 """
@@ -23,6 +27,34 @@ from meav_merge.evaluation.search import (Best, ExactEvaluator, SearchResult, Ta
                                           margin, rank_key)
 
 logger = logging.getLogger(__name__)
+
+
+def calibrated_point(metas: Sequence[dict], target: Target) -> tuple:
+    """λ per vector from its calibration (``meta["calibration"]``); 0 where its level was never dominant."""
+    out = []
+    for meta, level in zip(metas, target.values()):
+        entry = (meta.get("calibration") or {}).get("levels", {}).get(level)
+        out.append(float(entry["lambda"]) if entry else 0.0)
+    return tuple(out)
+
+
+def levels_search(evaluator: ExactEvaluator, targets: Sequence[Target], budget: int = 100, low: float = -4.0,
+                  high: float = 4.0) -> List[SearchResult]:
+    from meav_merge.evaluation.search import SearchConfig, search
+
+    metas = [v.meta for v in evaluator.rm.vectors]
+    missing = [v.path or i for i, v in enumerate(evaluator.rm.vectors) if not v.meta.get("calibration")]
+    if missing:
+        raise ValueError(f"vector {missing[0]}: the levels strategy needs calibrated vectors (meav calibrate)")
+    for t in targets:
+        evaluator(calibrated_point(metas, t))
+    if evaluator.count >= budget:
+        best = Best(targets)
+        for e in evaluator.cache.values():
+            best.record(e, evaluator.count)
+        return best.results()
+    # the surrogate sees every cached evaluation, so the calibrated points are its starting knowledge
+    return search(evaluator, targets, SearchConfig.spanning(low, high, budget=budget))
 
 
 def cmaes_search(evaluator: ExactEvaluator, targets: Sequence[Target], budget: int = 100, low: float = -4.0,
