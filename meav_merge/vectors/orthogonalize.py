@@ -106,7 +106,7 @@ def orthogonalize(vector_dir: str | os.PathLike, model_dir: str | os.PathLike, d
 
     rows = torch.cat([margin_gradients(rm, params, picked(d), desc=f"∇ {d}") for d in others])
     own = margin_gradients(rm, params, picked(domain), desc=f"∇ {domain}")
-    own_mean = own.double().view(-1, 2, own.shape[1]).mean(0)  # [2, P]: mean E−A and G−A gradients
+    own_mean = torch.stack([own[j::2].float().mean(0) for j in range(2)]).double()  # [2, P]: mean E−A, G−A
     del own
     before = {"own": (own_mean @ flat.double()).tolist(), "others": _times(rows, flat).abs().mean().item()}
     new = project_out(flat, rows, ridge)
