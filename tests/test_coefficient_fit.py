@@ -24,19 +24,12 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_tokenizer):
-    from tiny import build_model, save
+    from tiny import build_model, save, top_layer_delta
 
     root = tmp_path_factory.mktemp("blocks")
     model = build_model(tiny_tokenizer, seed=5, layers=LAYERS)
     base = save(model, tiny_tokenizer, root / "base")
-    g = torch.Generator().manual_seed(11)
-    delta = {}
-    for n, p in model.state_dict().items():
-        if n == "lm_head.weight":
-            continue  # tied to the embeddings, not a separate tensor on disk
-        # only the top layer and the final norm change, as with CPU-preset vectors
-        top = n.startswith(f"model.layers.{LAYERS - 1}.") or n == "model.norm.weight"
-        delta[n] = 0.3 * torch.randn(p.shape, generator=g) if top else torch.zeros_like(p)
+    delta = top_layer_delta(model, seed=11, scale=0.3)
     vec = AlignmentVector(delta, meta={"domain": "medical", "architecture": "LlamaForCausalLM"})
     return base, vec.save(root / "vector", base_config_dir=base), model.state_dict(), delta
 

@@ -30,18 +30,12 @@ def _records(domain, n):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
-    from tiny import build_model, save
+    from tiny import build_model, save, top_layer_delta
 
     root = tmp_path_factory.mktemp("ortho")
     model = build_model(tiny_tokenizer, seed=3, layers=LAYERS)
     base = save(model, tiny_tokenizer, root / "base")
-    g = torch.Generator().manual_seed(7)
-    delta = {}
-    for n, p in model.state_dict().items():
-        if n == "lm_head.weight":
-            continue
-        top = n.startswith(f"model.layers.{LAYERS - 1}.") or n == "model.norm.weight"
-        delta[n] = 0.05 * torch.randn(p.shape, generator=g) if top else torch.zeros_like(p)
+    delta = top_layer_delta(model, seed=7, scale=0.05)
     vec = AlignmentVector(delta, meta={"domain": "medical", "architecture": "LlamaForCausalLM"})
     vec_dir = vec.save(root / "vector", base_config_dir=base)
     data = root / "data"

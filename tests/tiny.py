@@ -69,3 +69,17 @@ def perturbed(model, seed: int, scale: float = 0.02):
         for p in m.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return m
+
+
+def top_layer_delta(model, seed: int, scale: float) -> dict:
+    """Random changes to the top layer and the final norm only, zeros elsewhere: the shape of a
+    CPU-preset vector (the tied LM head is not a separate tensor on disk, so it is left out)."""
+    top_prefix = f"model.layers.{model.config.num_hidden_layers - 1}."
+    g = torch.Generator().manual_seed(seed)
+    delta = {}
+    for n, p in model.state_dict().items():
+        if n == "lm_head.weight":
+            continue
+        top = n.startswith(top_prefix) or n == "model.norm.weight"
+        delta[n] = scale * torch.randn(p.shape, generator=g) if top else torch.zeros_like(p)
+    return delta

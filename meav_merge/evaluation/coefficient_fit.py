@@ -22,7 +22,6 @@ as long as the model's layer count is exact) under ``filter:`` conditions per te
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,18 +29,18 @@ import torch
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS
 from meav_merge.evaluation.scoring import PreparedQuery
+from meav_merge.evaluation.top_layer import LAYER_NAME
 
 logger = logging.getLogger(__name__)
 
 # Tensor kinds, in the order mergekit's filters are tried (the first substring match wins:
 # "model.norm" must come after the per-layer kinds, whose names also contain "norm").
 KINDS = ("self_attn", "mlp", "layernorm")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def block_of(name: str) -> str:
     """'layers.27.mlp', 'layers.27.self_attn', 'layers.27.layernorm', or the tensor name itself."""
-    m = _LAYER.match(name)
+    m = LAYER_NAME.match(name)
     if m:
         kind = next((k for k in KINDS if k in name), "other")
         return f"layers.{m.group(1)}.{kind}"

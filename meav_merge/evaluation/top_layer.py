@@ -13,6 +13,8 @@ from torch.func import functional_call
 from meav_merge.evaluation.scoring import continuation_layout
 from meav_merge.layers import SUPPORTED_MODEL_TYPES, cache_arg, kv_cache, sub_model
 
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")  # a decoder layer's tensor, and its index
+
 
 def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer"]:
     """A ``TopLayerScorer`` when every changing tensor is in the top layers or the final norm, else None."""
@@ -21,7 +23,7 @@ def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer
     n = model.config.num_hidden_layers
     lowest = n
     for name in changing:
-        m = re.match(r"model\.layers\.(\d+)\.", name)
+        m = LAYER_NAME.match(name)
         if m:
             lowest = min(lowest, int(m.group(1)))
         elif not name.startswith("model.norm."):
@@ -73,7 +75,7 @@ class TopLayerScorer:
 
     def local_name(self, name: str) -> str:
         """A model tensor's name inside ``self.top`` (layers renumbered from 0, the final norm as ``norm``)."""
-        m = re.match(r"model\.layers\.(\d+)\.", name)
+        m = LAYER_NAME.match(name)
         if m:
             n = self.model.config.num_hidden_layers
             return f"layers.{int(m.group(1)) - (n - self.k)}." + name[m.end():]

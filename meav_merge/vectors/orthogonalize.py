@@ -36,6 +36,7 @@ from meav_merge.vectors.alignment_vector import AlignmentVector, VectorError
 logger = logging.getLogger(__name__)
 
 _E, _G, _A = (PROFICIENCY_LEVELS.index(lv) for lv in ("expert", "generic", "avoidance"))
+_CHUNK = 1 << 20  # columns of the bf16 gradient rows turned into float64 at a time
 
 
 def margin_gradients(rm, params: Dict[str, torch.Tensor], queries: Sequence[PreparedQuery],
@@ -54,19 +55,19 @@ def margin_gradients(rm, params: Dict[str, torch.Tensor], queries: Sequence[Prep
     return rows
 
 
-def _gram(rows: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def _gram(rows: torch.Tensor) -> torch.Tensor:
     k = torch.zeros(len(rows), len(rows), dtype=torch.float64)
-    for s in range(0, rows.shape[1], chunk):
-        block = rows[:, s:s + chunk].double()
+    for s in range(0, rows.shape[1], _CHUNK):
+        block = rows[:, s:s + _CHUNK].double()
         k += block @ block.T
     return k
 
 
-def _times(rows: torch.Tensor, flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def _times(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """rows @ flat, in column chunks (rows is bf16)."""
     out = torch.zeros(len(rows), dtype=torch.float64)
-    for s in range(0, rows.shape[1], chunk):
-        out += rows[:, s:s + chunk].double() @ flat[s:s + chunk].double()
+    for s in range(0, rows.shape[1], _CHUNK):
+        out += rows[:, s:s + _CHUNK].double() @ flat[s:s + _CHUNK].double()
     return out
 
 
@@ -76,8 +77,8 @@ def project_out(flat: torch.Tensor, rows: torch.Tensor, ridge: float = 1e-4) -> 
     eps = ridge * float(k.diagonal().mean()) if len(k) else 0.0
     c = torch.linalg.solve(k + eps * torch.eye(len(k), dtype=k.dtype), _times(rows, flat))
     out = flat.double().clone()
-    for s in range(0, rows.shape[1], 1 << 20):
-        out[s:s + (1 << 20)] -= rows[:, s:s + (1 << 20)].double().T @ c
+    for s in range(0, rows.shape[1], _CHUNK):
+        out[s:s + _CHUNK] -= rows[:, s:s + _CHUNK].double().T @ c
     return out.to(flat.dtype)
 
 
