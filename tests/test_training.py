@@ -129,6 +129,11 @@ def test_resume_after_interruption(tiny_dirs, data_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
     assert list((tmp_path / "run.partial" / "plus-trainer").glob("checkpoint-*"))
     monkeypatch.setattr(DPOTrainer, "training_step", original)
+    # other flags must not resume this run's checkpoint (a mixture of two runs); it is kept
+    with pytest.raises(FileExistsError, match=r"run.partial: left by a cut-off run with other data or settings"):
+        train_vector(tiny_dirs["base"], data_dir, tmp_path / "run", domain="medical",
+                     config=MeavTrainConfig(**{**TINY, "learning_rate": 2e-3}))
+    assert list((tmp_path / "run.partial" / "plus-trainer").glob("checkpoint-*"))
     out = train_vector(tiny_dirs["base"], data_dir, tmp_path / "run", domain="medical", config=MeavTrainConfig(**TINY))
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["plus"]["resumed_from"].endswith("checkpoint-2")

@@ -375,6 +375,25 @@ def _provenance(base, domain, joint, config: MeavTrainConfig, files, train, val,
     }
 
 
+def _claim_partial(work: Path, provenance: dict, preference_vector: bool) -> None:
+    """Resume ``work`` only if it was left by a run with the same data and settings.
+
+    trl's checkpoints and the cached reference log-probs there belong to the run that wrote
+    them; resuming them under other flags (another loss, learning rate, record count) would
+    silently train a mixture of the two runs."""
+    stamp = work / "meav_run.json"
+    wanted = json.dumps({**provenance, "preference_vector": preference_vector}, sort_keys=True, default=str)
+    if stamp.is_file():
+        if stamp.read_text() != wanted:
+            raise FileExistsError(f"{work}: left by a cut-off run with other data or settings; rerun with "
+                                  "its flags to resume it, or remove the folder to start over")
+        return
+    if work.is_dir() and any(work.iterdir()):
+        raise FileExistsError(f"{work}: not a `meav train` work folder (no meav_run.json); remove it to start over")
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(wanted)
+
+
 def _write_run(out: Path, work: Path, base, provenance: dict, metrics: dict, preference_vector: bool,
                force: bool) -> None:
     """Move the trained model(s) from ``work`` into ``out`` and extract the vector(s), atomically."""
@@ -411,6 +430,7 @@ def train_vector(base: str | os.PathLike, data: str | os.PathLike, out: str | os
     files, train, val, train_rows, val_rows, n_retain = _training_rows(data, domain, joint, config)
     provenance = _provenance(base, domain, joint, config, files, train, val, train_rows, val_rows, n_retain)
     work = out.with_name(out.name + ".partial")
+    _claim_partial(work, provenance, preference_vector)
     metrics = {"plus": run_dpo(base, train_rows, val_rows, work, config, work / "aligned", "plus")}
     if preference_vector:
         metrics["minus"] = run_dpo(base, pair_rows(train, swap=True, targets=joint),
