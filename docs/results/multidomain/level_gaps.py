@@ -13,13 +13,14 @@ import numpy as np
 from meav_merge.data.schema import load_records
 from meav_merge.evaluation.scoring import prepare
 from meav_merge.evaluation.sweep import ReweightableModel
+from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 from meav_merge.vectors.alignment_vector import AlignmentVector
 
 vectors = sys.argv[1:]
-rm = ReweightableModel("models/smollm2-135m-instruct", [AlignmentVector.load(v) for v in vectors])
+rm = ReweightableModel(DEFAULT_MODEL_DIR, [AlignmentVector.load(v) for v in vectors])
 print("| domain | λ | expert − generic | generic − avoidance | expert − avoidance |\n|---|---|---|---|---|")
 for domain in ("medical", "financial", "legal"):
-    records = load_records("data", domain, "validation")[:40]
+    records = load_records(data_dir(), domain, "validation")[:40]
     prepared = prepare(rm.tokenizer, records, levels=records[0].levels)
     for lam in [0.0] + ([1.0, 2.0] if vectors else []):
         rm.set([lam] * len(vectors))
