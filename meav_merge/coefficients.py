@@ -136,3 +136,20 @@ def check_string(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise CoefficientError(f"{key}: must be a string (a path), not {value!r}")
     return value
+
+
+def check_config_numbers(config: Any) -> None:
+    """Every int/float field of a ``*Config`` dataclass checked as its flag would be (type,
+    finiteness, the ``minimum``/``positive`` in its metadata), so the Python API refuses
+    what the CLI refuses."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        if value is None or not kinds & {int, float}:
+            continue
+        check_number(value, f.name, integer=float not in kinds, minimum=f.metadata.get("minimum"),
+                     positive=f.metadata.get("positive", False))

@@ -174,6 +174,32 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _cmd_train_composed(args) -> None:
+    from meav_merge.training.composed import ComposedTrainConfig, train_composed
+
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    started = time.time()
+    out = train_composed(args.base, args.data, args.out, domains, config_from_args(ComposedTrainConfig, args),
+                         force=args.force)
+    print(f"centered model: {out / 'centered'}\nalignment vectors: "
+          + ", ".join(str(out / "vectors" / d) for d in domains) + f"  ({time.time() - started:.0f} s)")
+    print("recipes: base_model: " + str(out / "centered") + "; λ = +1 expert, 0 generic, -1 avoidance per domain")
+
+
+def _add_train_composed(sub) -> None:
+    from meav_merge.training.composed import ComposedTrainConfig
+
+    p = sub.add_parser("train-composed", help="train one vector per domain together, so their λ compose "
+                                              "(multi-domain control)")
+    p.add_argument("--domains", required=True, help="comma list, e.g. medical,financial,legal")
+    add_model(p, "unaligned model", flag="--base")
+    add_data(p)
+    p.add_argument("--out", required=True, help="run directory (centered model, vectors/<domain>, metrics)")
+    add_config_args(p.add_argument_group("training (ComposedTrainConfig)"), ComposedTrainConfig)
+    _add_common_output(p, "run directory")
+    p.set_defaults(func=_cmd_train_composed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meav", description="Inference-time preference alignment as model editing.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show third-party warnings and library logs")
@@ -223,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional_cli("meav_merge.data.synth.pipeline", data_sub)
 
     _add_train(sub)
+    _add_train_composed(sub)
 
     for module in ("meav_merge.cli.evaluate", "meav_merge.cli.search", "meav_merge.cli.judge", "meav_merge.cli.awot",
                    "meav_merge.demo.pipeline", "meav_merge.vectors.calibration", "meav_merge.vectors.compress",

@@ -1,0 +1,287 @@
+"""Composed training: one alignment vector per domain, learned together so their λ compose.
+
+Vectors trained one domain at a time (``dpo.py``) learn mostly a domain-general
+"specific vs refuse" direction, so λ_medical also moves financial and legal answers
+(measured: 2:1 selective at best, even with zero-margin retain pairs). Here the vectors
+are trained *as they will be used*: at every step a λ is drawn for each domain from
+{−1, 0, +1}, the weights are θ_c + Σ_d λ_d·AV_d, and each domain's queries are pushed
+toward the level its own λ asks for (−1 avoidance, 0 generic, +1 expert). A vector that
+spilled onto another domain would be penalized whenever that domain's λ differs.
+
+θ_c = θ_base + AV_center is a *centered* model, learned alongside, at which every domain
+is generic: the base model prefers avoidance in some domains, and a vector scaled by
+λ = 0 cannot change that. The centered model is written as a full checkpoint and the
+domain vectors are relative to it, so recipes, ``meav search`` and ``lm_eval`` use it as
+``base_model`` unchanged.
+
+The loss is the quantity preference accuracy ranks: a softmax over the three levels'
+token-mean log-probs (scaled by ``sharpness``), plus an NLL anchor on the target
+response so probability mass is not moved onto text in neither response. Scoring's own
+tokenization (``evaluation.scoring.prepare``) is used, so what is trained is what is scored.
+
+A custom loop rather than trl: trl trains one model on pairs, while here each step's
+weights are a λ-weighted sum of several parameter sets, which neither trl nor peft offers.
+Only the top layers train, on the frozen trunk's cached states (``trunk.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from meav_merge.data.schema import PROFICIENCY_LEVELS, file_sha256, load_records, resolve_data_files
+from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files
+
+logger = logging.getLogger(__name__)
+
+# λ of a domain → the level it asks for
+LEVEL_AT = {-1: "avoidance", 0: "generic", 1: "expert"}
+
+
+def _help(text: str, **meta) -> dict:
+    return {"help": text, **meta}
+
+
+@dataclass
+class ComposedTrainConfig:
+    """Settings of ``meav train-composed``; every field is a flag with this help text."""
+
+    # 700 × 1 query per domain: each train query is seen ~2.7 times, each level ~233 times per domain
+    steps: int = field(default=700, metadata=_help(
+        "optimizer steps; each draws a λ in {-1, 0, +1} per domain and queries from every domain", positive=True))
+    queries_per_domain: int = field(default=1, metadata=_help("train queries per domain and step", positive=True))
+    # the CPU DPO preset's rate; measured on the embedded model (docs/results/multidomain/composed/)
+    learning_rate: float = field(default=2e-4, metadata=_help(
+        "AdamW learning rate of every vector", flags=("--lr", "--learning-rate"), positive=True))
+    warmup_ratio: float = field(default=0.05, metadata=_help("share of steps spent warming up (cosine decay after)",
+                                                             minimum=0))
+    trainable_layers: int = field(default=4, metadata=_help("top transformer layers the vectors change",
+                                                            positive=True))
+    sharpness: float = field(default=10.0, metadata=_help(
+        "scale on token-mean log-probs in the softmax over levels (like DPO's β on a per-token margin)",
+        positive=True))
+    anchor_weight: float = field(default=0.2, metadata=_help(
+        "weight of the NLL of the target response (keeps the text likely, so generation stays fluent)",
+        minimum=0))
+    max_length: int = field(default=256, metadata=_help("longest prompt + response in tokens", positive=True))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm", positive=True))
+    train_records: Optional[int] = field(default=None, metadata=_help(
+        "at most this many train records per domain (default: all)", positive=True))
+    seed: int = field(default=0, metadata=_help("sampling and initialization seed", minimum=0))
+    logging_steps: int = field(default=25, metadata=_help("log the running loss every N steps", positive=True))
+
+    def __post_init__(self):
+        from meav_merge.coefficients import check_config_numbers
+
+        check_config_numbers(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Query:
+    rows: List[List[int]]  # context + continuation ids, one row per level (expert, generic, avoidance)
+    starts: List[int]  # index of each row's first scored response token
+    context: List[int]
+
+
+def _queries(tokenizer, records, max_length: int) -> List[_Query]:
+    from meav_merge.evaluation.scoring import prepare
+
+    out = []
+    for p in prepare(tokenizer, records, levels=PROFICIENCY_LEVELS):
+        rows, starts = [], []
+        for cont in p.continuations:
+            row = (p.context_ids + cont)[:max_length]
+            start = len(p.context_ids) + p.n_whitespace
+            if start >= len(row):
+                break
+            rows.append(row)
+            starts.append(start)
+        if len(rows) == len(PROFICIENCY_LEVELS):  # a context longer than max_length is skipped
+            out.append(_Query(rows, starts, p.context_ids))
+    return out
+
+
+def level_logprobs(head, params: dict, queries: Sequence[_Query]):
+    """Token-mean log-prob of every level of every query under ``head`` with ``params``: (n, 3)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    rows = [r for q in queries for r in q.rows]
+    starts = [s for q in queries for s in q.starts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    hidden = functional_call(head.model, params, (), {"input_ids": ids, "attention_mask": mask,
+                                                      "use_cache": False}).last_hidden_state
+    # token t is predicted at position t-1; only response tokens count
+    scored = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        scored[i, s: len(r)] = True
+    pred = scored[:, 1:]
+    logits = head.lm_head(hidden[:, :-1][pred]).float()
+    picked = F.log_softmax(logits, dim=-1).gather(1, ids[:, 1:][pred][:, None])[:, 0]
+    per_row = torch.zeros(len(rows)).index_add(0, pred.nonzero()[:, 0], picked)
+    return (per_row / pred.sum(1).clamp(min=1)).view(len(queries), len(PROFICIENCY_LEVELS))
+
+
+def composed_loss(means, targets, sharpness: float, anchor_weight: float):
+    """Softmax cross-entropy of the target levels plus the target responses' NLL; and hits."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.tensor(targets)
+    ce = F.cross_entropy(sharpness * means, t)
+    anchor = -means.gather(1, t[:, None]).mean()
+    return ce + anchor_weight * anchor, (means.argmax(1) == t).float().mean()
+
+
+def _sample(rng: random.Random, domains: Sequence[str], queries: Dict[str, List[_Query]], per_domain: int):
+    lam = {d: rng.choice((-1, 0, 1)) for d in domains}
+    batch, targets = [], []
+    for d in domains:
+        for q in rng.sample(queries[d], per_domain):
+            batch.append(q)
+            targets.append(PROFICIENCY_LEVELS.index(LEVEL_AT[lam[d]]))
+    return lam, batch, targets
+
+
+def _weights(base: dict, center: dict, vectors: Dict[str, dict], lam: Dict[str, int]) -> dict:
+    out = {}
+    for n, w in base.items():
+        w = w + center[n]
+        for d, scale in lam.items():
+            if scale:
+                w = w + scale * vectors[d][n]
+        out[n] = w
+    return out
+
+
+def _optimize(head, queries: Dict[str, List[_Query]], config: ComposedTrainConfig):
+    """The training loop: returns the centered deltas, each domain's deltas and the loss log."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    domains = list(queries)
+    base = {n: p.detach() for n, p in head.model.named_parameters() if n.startswith("layers.") or n == "norm.weight"}
+    for p in head.parameters():
+        p.requires_grad = False
+    center = {n: torch.nn.Parameter(torch.zeros_like(w)) for n, w in base.items()}
+    vectors = {d: {n: torch.nn.Parameter(torch.zeros_like(w)) for n, w in base.items()} for d in domains}
+    params = list(center.values()) + [p for v in vectors.values() for p in v.values()]
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    log, window = [], []
+    bar = tqdm(range(1, config.steps + 1), desc="composed training", unit="step")
+    for step in bar:
+        lam, batch, targets = _sample(rng, domains, queries, config.queries_per_domain)
+        means = level_logprobs(head, _weights(base, center, vectors, lam), batch)
+        loss, hits = composed_loss(means, targets, config.sharpness, config.anchor_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        window.append((loss.item(), hits.item()))
+        if step % config.logging_steps == 0 or step == config.steps:
+            entry = {"step": step, "loss": round(sum(w[0] for w in window) / len(window), 4),
+                     "target_top": round(sum(w[1] for w in window) / len(window), 3)}
+            log.append(entry)
+            bar.set_postfix(loss=entry["loss"], top=entry["target_top"])
+            logger.info("step %d: loss %.4f, target level on top %.3f", step, entry["loss"], entry["target_top"])
+            window = []
+    return ({n: p.detach() for n, p in center.items()},
+            {d: {n: p.detach() for n, p in v.items()} for d, v in vectors.items()}, log)
+
+
+def _full_name(head_name: str, n_layers: int, k: int) -> str:
+    if head_name.startswith("layers."):
+        i, rest = head_name[len("layers."):].split(".", 1)
+        return f"model.layers.{n_layers - k + int(i)}.{rest}"
+    return f"model.{head_name}"
+
+
+def _set(model, weights: Dict[str, "torch.Tensor"]) -> None:  # noqa: F821
+    import torch
+
+    state = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            state[n].copy_(w)
+
+
+def train_composed(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                   domains: Sequence[str], config: Optional[ComposedTrainConfig] = None, force: bool = False) -> Path:
+    """``meav train-composed``: write ``out/centered`` (a model) and ``out/vectors/<domain>``
+    (alignment vectors relative to it), all at once or not at all."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meav_merge.data.schema import read_jsonl
+    from meav_merge.training.trunk import split_model
+    from meav_merge.vectors.alignment_vector import extract_vector
+
+    config = config or ComposedTrainConfig()
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: already exists (pass --force to retrain)")
+    if len(set(domains)) != len(domains) or len(domains) < 2:
+        raise ValueError("--domains: give at least two different domains")
+    files = sorted({f for d in domains for f in resolve_data_files(data, d)})
+    for f in files:
+        read_jsonl(f)  # a bad file stops here, naming file:line
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
+    queries = {}
+    for d in domains:
+        # by id, so the draw order (and the vectors) do not depend on the file's record order
+        recs = sorted(load_records(data, d, "train"), key=lambda r: r.id)[: config.train_records or None]
+        queries[d] = _queries(tok, recs, config.max_length)
+        if len(queries[d]) < config.queries_per_domain:
+            raise ValueError(f"{d}: only {len(queries[d])} usable train records")
+    _, head = split_model(model, config.trainable_layers)  # raises for a layout it cannot split exactly
+    started = time.time()
+    head.model.embed_tokens.warm([(q.context, q.rows) for qs in queries.values() for q in qs])
+    setup = time.time() - started
+    center, vectors, log = _optimize(head, queries, config)
+    n, k = model.config.num_hidden_layers, config.trainable_layers
+    base_w = {_full_name(h, n, k): p.detach().clone() for h, p in head.model.named_parameters()
+              if h in center}
+    provenance = {"trainer": "meav_merge.training.composed", **config.to_dict(), "domains": list(domains),
+                  "base": str(base), "data": {"files": [str(f) for f in files], "file_sha256": file_sha256(files),
+                                               "train_queries": {d: len(q) for d, q in queries.items()}},
+                  "setup_seconds": round(setup, 1), "train_seconds": round(time.time() - started - setup, 1),
+                  "log": log}
+    with atomic_output_dir(out, force=force) as tmp:
+        _set(model, {f: base_w[f] + center[h] for h in center for f in [_full_name(h, n, k)]})
+        model.save_pretrained(str(tmp / "centered"), safe_serialization=True)
+        tok.save_pretrained(str(tmp / "centered"))
+        copy_model_files(base, tmp / "centered", ["generation_config.json"])
+        for d, delta in vectors.items():
+            scratch = tmp / f".aligned-{d}"
+            _set(model, {f: base_w[f] + center[h] + delta[h] for h in center for f in [_full_name(h, n, k)]})
+            model.save_pretrained(str(scratch), safe_serialization=True)
+            extract_vector(scratch, tmp / "centered", tmp / "vectors" / d, meta={
+                "base": str(out / "centered"), "aligned": None, "domain": d,
+                "preference": "λ = +1 expert, 0 generic, -1 avoidance (composed with the other domains)",
+                "training": provenance})
+            shutil.rmtree(scratch)
+        (tmp / "train_metrics.json").write_text(json.dumps(provenance, indent=2))
+    return out
