@@ -1,0 +1,42 @@
+"""The composed vectors at the λ they were trained for, no search: +1 expert, 0 generic, −1
+avoidance in each domain, all 27 targets scored on the whole test split.
+
+Nothing is fitted, so this is a held-out number by construction. Points the grid search
+already scored on test (``search_grid/search_report.json``) are reused, not rescored:
+scoring is deterministic. Run from the repository root after ``run.sh``:
+
+    .venv/bin/python docs/results/multidomain/composed/natural.py
+"""
+
+import json
+from pathlib import Path
+
+from meav_merge.evaluation.scoring import dominant
+from meav_merge.evaluation.search import ExactEvaluator, all_targets
+from meav_merge.evaluation.sweep import ReweightableModel
+from meav_merge.resources import data_dir
+from meav_merge.vectors.alignment_vector import AlignmentVector
+
+HERE = Path(__file__).parent
+RUN = Path("runs/composed")
+DOMAINS = ["medical", "financial", "legal"]
+LAMBDA = {"expert": 1.0, "generic": 0.0, "avoidance": -1.0}
+
+searched = json.loads((HERE / "search_grid" / "search_report.json").read_text())["held_out"]["results"]
+known = {tuple(r["lambda"][d] for d in DOMAINS): r["fractions"] for r in searched}
+rm = ReweightableModel(RUN / "centered", [AlignmentVector.load(RUN / "vectors" / d) for d in DOMAINS])
+test = ExactEvaluator(rm, str(data_dir()), DOMAINS, split="test")
+rows = []
+for target in all_targets(DOMAINS):
+    lam = tuple(LAMBDA[target[d]] for d in DOMAINS)
+    fractions = known.get(lam) or test(lam).fractions
+    reached = all(dominant(fractions[d]) == target[d] for d in DOMAINS)
+    rows.append({"target": dict(target), "lambda": dict(zip(DOMAINS, lam)), "fractions": fractions,
+                 "reached": reached, "rescored": lam not in known})
+n = sum(r["reached"] for r in rows)
+(HERE / "natural.json").write_text(json.dumps({"reached": n, "of": len(rows), "split": "test",
+                                               "new_evaluations": test.count, "results": rows}, indent=2))
+print(f"{n}/{len(rows)} reached on test at λ = +1/0/-1 ({test.count} new exact evaluations)")
+for r in rows:
+    if not r["reached"]:
+        print("missed", r["target"], {d: {k: round(v, 2) for k, v in r["fractions"][d].items()} for d in DOMAINS})
