@@ -60,6 +60,9 @@ def test_preference_accuracy_and_dominance():
     assert dominant(fr) == "expert"
     assert dominant({"expert": 0.33, "generic": 0.33, "avoidance": 0.34}) == "avoidance"
     assert dominant({"expert": 0.3, "generic": 0.3, "avoidance": 0.3}) is None
+    # a tie for the highest is not dominant: no level wins by being listed first
+    assert dominant({"expert": 0.167, "generic": 0.417, "avoidance": 0.417}) is None
+    assert dominant({"expert": 0.417, "generic": 0.417, "avoidance": 0.167}) is None
 
 
 def _vector_changing(tiny_dirs, tiny_tokenizer, tmp_path, prefixes):

@@ -178,6 +178,12 @@ def preference_accuracy(scores: Sequence[Sequence[float]], levels: Sequence[str]
 
 
 def dominant(fractions: Dict[str, float]) -> Optional[str]:
-    """The paper's 'dominant' level: the highest fraction, and above 1/3 (for 3 levels: chance)."""
+    """The paper's 'dominant' level: the highest fraction, and above 1/3 (for 3 levels: chance).
+
+    A tie for the highest is no dominant level: on small n (0.417 / 0.417 at n = 12) the level
+    listed first would otherwise win by dict order."""
     level = max(fractions, key=fractions.get)
-    return level if fractions[level] > 1.0 / len(fractions) else None
+    top = fractions[level]
+    if top <= 1.0 / len(fractions) or sum(1 for v in fractions.values() if v == top) > 1:
+        return None
+    return level
