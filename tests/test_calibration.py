@@ -107,6 +107,11 @@ def test_serve_preset_from_a_recipe_names_vectors_by_domain_and_resolves_levels(
     vectors: dict = {}
     assert preset_from_recipe(recipe, vectors) == (("legal", 0.6), ("vec", -0.5))  # no domain: folder name
     assert vectors == {"vec": str(calibrated), "legal": str(other)}
+    # served on another model than the recipe's base_model, the preset would mean something else
+    assert preset_from_recipe(recipe, {}, served_model=tiny_dirs["base"]) == (("legal", 0.6), ("vec", -0.5))
+    with pytest.raises(ValueError, match=r"insurance.yaml: base_model .* is not the served model .*; serve it "
+                                         r"with --model"):
+        preset_from_recipe(recipe, {}, served_model=tmp_path)
 
 
 def test_eval_grid_scores_every_combination_like_single_points(search_setup, tmp_path, capsys):

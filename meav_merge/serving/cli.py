@@ -29,7 +29,7 @@ def serve(args) -> None:
         name, path = parse_named(spec, "recipe")
         if name in presets:
             raise ValueError(f"--recipe {spec!r}: preset {name!r} given twice")
-        presets[name] = preset_from_recipe(path, vectors)
+        presets[name] = preset_from_recipe(path, vectors, served_model=args.model)
     engine = Engine(args.model, vectors, dtype=args.dtype, device=args.device, transfer=args.transfer,
                     max_batch_tokens=args.max_batch_tokens)
     served_name = Path(args.model).name

@@ -130,15 +130,24 @@ def _vector_name(model: str) -> str:
     return Path(model).name
 
 
-def preset_from_recipe(path: str | os.PathLike, vectors: Dict[str, str]) -> Setting:
+def preset_from_recipe(path: str | os.PathLike, vectors: Dict[str, str],
+                       served_model: Optional[str | os.PathLike] = None) -> Setting:
     """The setting of a ``meav`` mergekit recipe; vectors it names that are not served yet
-    are added to ``vectors`` under their recorded domain (else their folder's name)."""
+    are added to ``vectors`` under their recorded domain (else their folder's name).
+
+    With ``served_model``, the recipe's ``base_model`` must be that model: the preset would
+    otherwise add its λ to another model than the one it was written for (the insurance
+    recipe's composed vectors belong on ``runs/composed/centered``, not on the base)."""
     try:
         recipe = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"{path}: cannot read recipe ({e})") from None
     if not isinstance(recipe, dict) or recipe.get("merge_method") != "meav":
         raise ValueError(f"{path}: not a meav recipe (merge_method: meav)")
+    base = recipe.get("base_model")
+    if served_model is not None and isinstance(base, str) and Path(base).resolve() != Path(served_model).resolve():
+        raise ValueError(f"{path}: base_model {base} is not the served model {served_model}; "
+                         f"serve it with --model {base}")
     by_dir = {str(Path(d).resolve()): n for n, d in vectors.items()}
     out: Dict[str, float] = {}
     for i, entry in enumerate(recipe.get("models") or []):
