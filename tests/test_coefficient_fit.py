@@ -112,3 +112,24 @@ def test_gradient_fit_reaches_a_planted_target_that_zero_misses(planted, tmp_pat
     setting = fit.lambda_settings(coef)[0]
     assert [c.get("filter") for c in setting] == ["self_attn", "mlp", "layernorm", None]
     assert all(len(c["value"]) == LAYERS for c in setting[:3])
+
+
+def test_gradient_strategy_spends_no_more_than_its_budget(planted, tmp_path):
+    """A fit costs its steps + 1 exact evaluations; one that would pass --budget is not started,
+    so the strategies' counts compare at equal cost (issue 13)."""
+    import json
+
+    from meav_merge.evaluation.search import ExactEvaluator, SearchResult
+    from meav_merge.evaluation.strategies import gradient_refine
+
+    base, vector, _, _ = planted
+    (tmp_path / "medical.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in _records()))
+    rm = ReweightableModel(base, [AlignmentVector.load(vector)])
+    evaluator = ExactEvaluator(rm, str(tmp_path), ["medical"])
+    at_zero = evaluator((0.0,))
+    level = min(PROFICIENCY_LEVELS, key=lambda lv: margin(at_zero.fractions["medical"], lv))
+    missed = SearchResult({"medical": level}, (0.0,), at_zero.fractions, -1.0, False, evaluator.count)
+    assert gradient_refine(evaluator, [missed], steps=5, budget=evaluator.count + 5, progress=False) == {}
+    assert evaluator.count == 1  # 1 + (5 + 1) would pass the budget of 6: nothing spent
+    gradient_refine(evaluator, [missed], steps=5, budget=evaluator.count + 6, progress=False)
+    assert evaluator.count == 7

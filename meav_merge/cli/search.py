@@ -91,7 +91,8 @@ def run_strategy(strategy: str, evaluator, targets, args):
         budget = args.budget if strategy == "surrogate" else max(1, args.budget // 2)
         results = search(evaluator, targets, SearchConfig.spanning(args.low, args.high, budget=budget))
         if strategy == "gradient":
-            blocks = gradient_refine(evaluator, results, steps=args.fit_steps, queries_per_domain=args.fit_queries)
+            blocks = gradient_refine(evaluator, results, steps=args.fit_steps, queries_per_domain=args.fit_queries,
+                                     budget=args.budget)
     return results, blocks
 
 

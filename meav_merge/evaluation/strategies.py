@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -106,8 +106,12 @@ def _block_fractions(fit, coef, prepared) -> Dict[str, Dict[str, float]]:
 
 
 def gradient_refine(evaluator: ExactEvaluator, results: Sequence[SearchResult], steps: int = 12,
-                    queries_per_domain: int = 8, config=None, progress: bool = True) -> Dict[int, BlockResult]:
-    """Per-block fits for the targets in ``results`` that were not reached; returns the improved ones by index."""
+                    queries_per_domain: int = 8, config=None, progress: bool = True,
+                    budget: Optional[int] = None) -> Dict[int, BlockResult]:
+    """Per-block fits for the targets in ``results`` that were not reached; returns the improved ones by index.
+
+    A fit costs ``steps + 1`` evaluations (its steps and the exact check); one that would
+    take ``evaluator.count`` past ``budget`` is not started, so strategies compare at equal cost."""
     from meav_merge.evaluation.coefficient_fit import BlockCoefficientFit, FitConfig
 
     config = config or FitConfig(steps=steps)
@@ -117,6 +121,10 @@ def gradient_refine(evaluator: ExactEvaluator, results: Sequence[SearchResult], 
     out = {}
     for k, r in enumerate(results):
         if r.reached:
+            continue
+        if budget is not None and evaluator.count + config.steps + 1 > budget:
+            logger.info("gradient fit: budget %d spent (%d evaluations), %s left at its scalar point",
+                        budget, evaluator.count, r.target)
             continue
         coef, _ = fit.fit(subset, r.target, start=fit.expand(r.coefficients), config=config, progress=progress)
         evaluator.count += config.steps + 1
