@@ -1,9 +1,17 @@
 """``meav demo``: the main job, end to end on the embedded SmolLM2-135M-Instruct.
 
-base model → DPO-trained vectors (medical, financial, legal, safety) → plain
-``mergekit-yaml yaml_recipes/insurance.yaml`` → plain ``lm_eval --tasks meav_pref`` on
-the merged model → λ sweeps, out-of-domain table and Table-1 style comparison →
-``out/report/README.md``.
+base model → DPO-trained vectors, one domain at a time (medical and safety: what the
+single-domain recipes, the transfer recipe and AWOT's anchors use) → composed vectors for
+medical, financial and legal in half the steps of ``meav train-composed`` (what the
+insurance recipe merges) → plain ``mergekit-yaml yaml_recipes/insurance.yaml`` → plain
+``lm_eval --tasks meav_pref`` on the merged model → λ sweeps, out-of-domain table and
+Table-1 style comparison → ``out/report/README.md``.
+
+Why not all four DPO vectors and the full composed run: on 2 CPU cores they take
+22 + 28 min, and a from-nothing demo must stay within 45 minutes. The financial and legal
+DPO vectors are ``meav train --domain D`` away (~6 min each), the full composed run
+``meav train-composed`` (28 min); ``--dpo-domains`` and ``--composed-steps/--composed-lr``
+bring them into the demo.
 
 Each step records what it produced in ``out/demo_state.json``; a rerun skips the steps
 already finished whose inputs are unchanged, so an interrupted or failed run resumes
@@ -30,6 +38,7 @@ from meav_merge.coefficients import lambdas_arg
 from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
 
 DOMAINS = ("medical", "financial", "legal", "safety")
+COMPOSED_DOMAINS = ("medical", "financial", "legal")
 log = logging.getLogger(__name__)
 
 
@@ -53,30 +62,51 @@ class DemoConfig:
     data: Path = field(default_factory=data_dir, metadata={"help": "data folder"})
     recipe: Path = _opt(Path("yaml_recipes/insurance.yaml"), "mergekit recipe to merge and evaluate")
     # 12 keeps a from-nothing run on 2 CPU cores inside 45 minutes.
-    queries: int = _opt(12, "test queries per domain for the sweeps, tables and lm-eval (the whole split: 32+)",
+    queries: int = _opt(12, "test queries per domain for the sweeps and tables (the whole split: 32+)",
                         positive=True)
+    # At n = 12 one query moves a fraction by 0.083 and levels tie; 48 is what a from-nothing run
+    # affords (the whole split, 93-96, adds ~4 min of lm-eval).
+    insurance_queries: int = _opt(48, "test queries per domain for the insurance model's lm-eval run",
+                                  positive=True)
     # CPU-preset vectors need larger |λ| than the paper's full-model 7B vectors: expert
     # dominates from about +1..+2, avoidance below 0 (medical needs about -4; docs/results/).
     lambdas: Tuple[float, ...] = _opt((-4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0), "λ of the sweeps",
                                       parse=lambdas_arg())
     judged_answers: int = _opt(8, "generated answers per Table-1 row (judged generation accuracy)", positive=True)
     max_new_tokens: int = _opt(64, "longest generated answer in tokens", positive=True)
+    # medical: the single-domain recipes, the out-of-domain table and Table 1; safety: the
+    # transfer recipe and AWOT's anchors. Financial and legal add ~13 min (module docstring).
+    dpo_domains: Tuple[str, ...] = _opt(("medical", "safety"), "domains trained one at a time with DPO "
+                                        "(`meav train`), swept and calibrated; comma list, must include medical",
+                                        parse=lambda text: tuple(d.strip() for d in text.split(",") if d.strip()))
     # The grown data (~400 per domain) would more than double training time and push a
     # from-nothing run past 45 minutes; the full-data vectors come from `meav train`.
-    train_records: int = _opt(124, "train records per domain (the first by id hash)", positive=True)
+    train_records: int = _opt(124, "train records per domain of each DPO vector (the first by id hash)",
+                              positive=True)
     # 40 is the smallest validation split of the proficiency domains (issue 13 asks ≥ 40).
     calibration_queries: int = _opt(40, "validation queries per domain for each vector's calibration "
                                         "(the λ per level that `level:` in a recipe resolves to)", positive=True)
+    # Half the steps of `meav train-composed` at twice its rate: the same total movement of the
+    # vectors in ~16 min instead of 28. Half the steps at the default rate, or 124 records per
+    # domain for 350-500 steps, lose legal expert on test (docs/results/multidomain/composed/demo_subset.md).
+    composed_records: Optional[int] = _opt(None, "train records per domain of the composed training the "
+                                                 "insurance recipe uses (default: all; the first by id)",
+                                           positive=True)
+    composed_steps: int = _opt(350, "steps of that composed training", positive=True)
+    composed_lr: float = _opt(4e-4, "learning rate of that composed training", positive=True)
     # The demo's vectors find every level within |λ| ≤ 1.5; a level that is never dominant (financial
     # generic) costs every point of the grid, so the demo's grid stops at ±2 (9 points, not 13).
-    # 700 steps: each domain's λ drawn ~233 times per level over ~260 train queries
-    composed_steps: int = _opt(700, "steps of the composed training the insurance recipe uses", positive=True)
     calibration_lambdas: Tuple[float, ...] = _opt((-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0),
                                                   "λ the calibration may try", parse=lambdas_arg())
 
     def __post_init__(self):
         self.lambdas = tuple(self.lambdas)
         self.calibration_lambdas = tuple(self.calibration_lambdas)
+        self.dpo_domains = tuple(self.dpo_domains)
+        unknown = [d for d in self.dpo_domains if d not in DOMAINS]
+        if unknown or "medical" not in self.dpo_domains or len(set(self.dpo_domains)) != len(self.dpo_domains):
+            raise ValueError(f"--dpo-domains: give distinct domains of {', '.join(DOMAINS)}, medical among them "
+                             f"(the out-of-domain table and Table 1 use it); got {','.join(self.dpo_domains)}")
 
 
 class Pipeline:
@@ -131,7 +161,7 @@ def _fingerprint_vector(path: Path) -> str:
 
 def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
     """One DPO-trained vector per domain (kept in ``cfg.runs``; an existing one is reused)."""
-    for domain in DOMAINS:
+    for domain in cfg.dpo_domains:
         run_dir = cfg.runs / domain
 
         def train(domain=domain, run_dir=run_dir):
@@ -149,35 +179,40 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
                  [run_dir / "vector" / "meav_vector.json"],
                  f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
-    return {d: cfg.runs / d / "vector" for d in DOMAINS}
+    return {d: cfg.runs / d / "vector" for d in cfg.dpo_domains}
 
 
 def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
-    """The three proficiency vectors trained together (``meav train-composed``): what the
-    insurance recipe merges, since vectors trained one domain at a time do not compose."""
+    """The three proficiency vectors trained together (``meav train-composed``) on a subset:
+    what the insurance recipe merges, since vectors trained one domain at a time do not compose."""
     run_dir = cfg.runs / "composed"
-    domains = ("medical", "financial", "legal")
+    domains = COMPOSED_DOMAINS
 
     def train():
         from meav_merge.training.composed import ComposedTrainConfig, train_composed
 
         done = all((run_dir / "vectors" / d / "meav_vector.json").is_file() for d in domains)
         if not done:
-            train_composed(cfg.model_dir, cfg.data, run_dir, domains, ComposedTrainConfig(steps=cfg.composed_steps),
+            train_composed(cfg.model_dir, cfg.data, run_dir, domains,
+                           ComposedTrainConfig(steps=cfg.composed_steps, train_records=cfg.composed_records,
+                                               learning_rate=cfg.composed_lr),
                            force=run_dir.exists())
         return {d: _fingerprint_vector(run_dir / "vectors" / d) for d in domains}
 
     pipe.run("train_composed", train, {"data": {d: _data_hash(cfg.data, d) for d in domains},
-                                       "steps": cfg.composed_steps},
+                                       "steps": cfg.composed_steps, "records": cfg.composed_records,
+                                       "lr": cfg.composed_lr},
              [run_dir / "vectors" / d / "meav_vector.json" for d in domains],
-             f"`meav train-composed --domains {','.join(domains)} --out {run_dir}` reproduces it alone.")
+             f"`meav train-composed --domains {','.join(domains)} --steps {cfg.composed_steps} --lr {cfg.composed_lr:g}"
+             + (f" --train-records {cfg.composed_records}" if cfg.composed_records else "")
+             + f" --out {run_dir}` reproduces it alone.")
     return run_dir
 
 
 def _calibrate_steps(pipe: Pipeline, cfg: DemoConfig) -> None:
     """Each vector learns at which λ it gives each level (validation split), so that the shipped
     recipes can say `level: expert` and `meav vector info` can tell a reader."""
-    for domain in DOMAINS:
+    for domain in cfg.dpo_domains:
         vector = cfg.runs / domain / "vector"
 
         def calibrate_one(domain=domain, vector=vector):
@@ -225,19 +260,20 @@ def _lm_eval_step(pipe: Pipeline, cfg: DemoConfig, merged: Path) -> dict:
             shutil.rmtree(res_dir)
         proc = _run_tool(["lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
                           "--tasks", "meav_pref", "--device", "cpu", "--batch_size", "4", "--output_path",
-                          # the same first test queries as the sweeps and tables (the whole split: ~5 min more)
-                          str(res_dir), "--limit", str(cfg.queries)], "lm_eval")
+                          # the first test queries of each domain
+                          str(res_dir), "--limit", str(cfg.insurance_queries)], "lm_eval")
         results_file = sorted(res_dir.rglob("results_*.json"))[-1]
         results = json.loads(results_file.read_text())
         from meav_merge.merge.card_results import add_eval_results
 
         add_eval_results(merged, results)
+        n = {t: c.get("effective") for t, c in results.get("n-samples", {}).items()}
         return {"results_file": str(results_file), "stdout_table": proc.stdout[-4000:],
-                "results": {t: {k.split(",")[0]: v for k, v in m.items() if k.startswith("pref_acc")}
-                            for t, m in results["results"].items()}}
+                "results": {t: {**{k.split(",")[0]: v for k, v in m.items() if k.startswith("pref_acc")},
+                                "n": n.get(t)} for t, m in results["results"].items()}}
 
     return pipe.run("lm_eval_insurance", lm_eval_step, {"merge": pipe.state["merge_insurance"]["key"],
-                                                        "queries": cfg.queries},
+                                                        "queries": cfg.insurance_queries},
                     [cfg.out / "lm_eval"],
                     f"Run `lm_eval --model hf --model_args pretrained={merged} --tasks meav_pref --device cpu` to "
                     "see lm-eval's full output.")
@@ -258,7 +294,7 @@ def _evaluation_steps(cfg: DemoConfig, vectors: Dict[str, Path], vec_key: dict, 
     epipe = Pipeline(evals / "state.json")
     session = demo_report.Session(cfg, vectors)
     sweeps = epipe.run("sweeps", lambda: demo_report.sweeps(session, evals), {},
-                       [evals / f"sweep_{d}.png" for d in DOMAINS], "Try `meav sweep` on the failing domain.")
+                       [evals / f"sweep_{d}.png" for d in vectors], "Try `meav sweep` on the failing domain.")
     ood = epipe.run("ood_medical", lambda: demo_report.ood(session, sweeps["medical"], evals), {},
                     [evals / "ood_medical.csv"], "Try `meav eval ood --vector medical=runs/medical/vector`.")
     t1 = epipe.run("table1_medical", lambda: demo_report.table1(session, sweeps["medical"], evals), {},

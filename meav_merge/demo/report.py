@@ -102,16 +102,21 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `meav demo` on the embedded SmolLM2-135M-Instruct. "
         f"Preference accuracy = share of queries whose highest token-mean log-probability response is at each "
-        f"level (MEAV paper Eq. 4). Sweeps, tables and the lm-eval run use the first {cfg.queries} test queries "
-        "per domain (`meav demo --queries 32` for the whole test split).",
+        f"level (MEAV paper Eq. 4). Sweeps and tables use the first {cfg.queries} test queries "
+        f"per domain (`meav demo --queries 32` for the whole test split), the insurance lm-eval run the first "
+        f"{cfg.insurance_queries} (`--insurance-queries`).",
         "",
         "## The insurance model (legal expert, financial generic, medical avoidance)",
         "",
         f"Recipe `{cfg.recipe}` merged with plain `mergekit-yaml` into `{cfg.out / 'insurance'}` and scored with "
-        "plain `lm_eval --tasks meav_pref`:",
+        "plain `lm_eval --tasks meav_pref`. Its vectors are the composed ones in "
+        f"`{cfg.runs / 'composed'}` (`meav train-composed`; unless they exist, the demo trains them for "
+        f"{cfg.composed_steps} steps at learning rate {cfg.composed_lr:g}"
+        + (f" on the first {cfg.composed_records} train records per domain" if cfg.composed_records else "")
+        + "):",
         "",
-        "| task | pref_acc_exp | pref_acc_gen | pref_acc_avd | level | target |",
-        "|---|---|---|---|---|---|",
+        "| task | n | pref_acc_exp | pref_acc_gen | pref_acc_avd | level | target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task, m in sorted(lm["results"].items()):
         if "pref_acc_exp" in m:
@@ -119,9 +124,10 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
             level = dominant(fr) or "none"
             target = INSURANCE_TARGET.get(task.rsplit("_", 1)[-1], "")
             mark = (" ✓" if level == target else " ✗") if target else ""
-            lines.append(f"| {task} | {fr['expert']:.2f} | {fr['generic']:.2f} | {fr['avoidance']:.2f} | {level} | "
-                         f"{target}{mark} |")
-    lines += ["", "## λ sweeps (paper Figure 2)", ""]
+            lines.append(f"| {task} | {m.get('n') or '?'} | {fr['expert']:.2f} | {fr['generic']:.2f} | "
+                         f"{fr['avoidance']:.2f} | {level} | {target}{mark} |")
+    lines += ["", "## λ sweeps (paper Figure 2)", "",
+              "The vectors trained one domain at a time (`meav train`), each over the base model.", ""]
     for domain, s in sweeps_.items():
         ranges = ", ".join(f"{r['level']} for λ ∈ [{r['from']:+.1f}, {r['to']:+.1f}]" for r in s["ranges"]) or "none"
         lines += [f"### {domain}", "", f"![{domain} sweep](sweep_{domain}.png)", "", f"Dominant: {ranges}.", ""]
