@@ -124,7 +124,7 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
             level = dominant(fr) or "none"
             target = INSURANCE_TARGET.get(task.rsplit("_", 1)[-1], "")
             mark = (" ✓" if level == target else " ✗") if target else ""
-            lines.append(f"| {task} | {m.get('n') or '?'} | {fr['expert']:.2f} | {fr['generic']:.2f} | "
+            lines.append(f"| {task} | {m.get('n') or '–'} | {fr['expert']:.2f} | {fr['generic']:.2f} | "
                          f"{fr['avoidance']:.2f} | {level} | {target}{mark} |")
     lines += ["", "## λ sweeps (paper Figure 2)", "",
               "The vectors trained one domain at a time (`meav train`), each over the base model.", ""]
