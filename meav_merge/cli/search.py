@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import yaml
 
 from meav_merge.data.schema import PROFICIENCY_LEVELS
+from meav_merge.evaluation.scoring import dominant
 from meav_merge.evaluation.search import Target, all_targets
 
 STRATEGIES = ("surrogate", "grid", "cmaes", "gradient", "levels")
@@ -52,8 +53,7 @@ def markdown_table(rows: List[dict], domains: Sequence[str], split: str) -> str:
         for d in domains:
             fr, lv = r["fractions"][d], r["target"][d]
             txt = "/".join(f"{fr[x]:.2f}" for x in PROFICIENCY_LEVELS)
-            ok = fr[lv] == max(fr.values()) and fr[lv] > 1 / 3 and list(fr.values()).count(fr[lv]) == 1
-            cells.append(f"**{txt}**" if ok else txt)
+            cells.append(f"**{txt}**" if dominant(fr) == lv else txt)
         lam = "per block" if r.get("per_block") else ", ".join(f"{r['lambda'][d]:+.2f}" for d in domains)
         key = ",".join(SHORT[r["target"][d]] for d in domains)
         lines.append(f"| {key} | {lam} | " + " | ".join(cells) + f" | {'yes' if r['reached'] else 'no'} |")
