@@ -77,8 +77,7 @@ class DemoConfig:
     # medical: the single-domain recipes, the out-of-domain table and Table 1; safety: the
     # transfer recipe and AWOT's anchors. Financial and legal add ~13 min (module docstring).
     dpo_domains: Tuple[str, ...] = _opt(("medical", "safety"), "domains trained one at a time with DPO "
-                                        "(`meav train`), swept and calibrated; comma list, must include medical",
-                                        parse=lambda text: tuple(d.strip() for d in text.split(",") if d.strip()))
+                                        "(`meav train`), swept and calibrated; comma list, must include medical")
     # The grown data (~400 per domain) would more than double training time and push a
     # from-nothing run past 45 minutes; the full-data vectors come from `meav train`.
     train_records: int = _opt(124, "train records per domain of each DPO vector (the first by id hash)",
@@ -183,8 +182,9 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
 
 
 def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
-    """The three proficiency vectors trained together (``meav train-composed``) on a subset:
-    what the insurance recipe merges, since vectors trained one domain at a time do not compose."""
+    """The three proficiency vectors trained together (``meav train-composed``, shortened as
+    ``cfg.composed_*`` say): what the insurance recipe merges, since vectors trained one domain
+    at a time do not compose."""
     run_dir = cfg.runs / "composed"
     domains = COMPOSED_DOMAINS
 
