@@ -66,3 +66,41 @@ def test_composed_refuses_bad_input(tiny_dirs, composed_data, tmp_path):
         train_composed(tiny_dirs["base"], composed_data, tmp_path / "exists", list(TOPICS), cfg)
     with pytest.raises(ValueError, match="positive|must be"):
         ComposedTrainConfig(steps=0)
+
+
+def test_level_logprobs_equal_a_plain_forward_of_each_row(tiny_tokenizer):
+    """The shared-context pass (context once, responses from its repeated KV cache, trunk
+    states from the cache) gives the same values and gradients as the full model run on
+    each context + response row alone."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from meav_merge.training.composed import _full_name, _queries, level_logprobs
+    from meav_merge.training.trunk import split_model
+    from tests.tiny import build_model
+
+    model = build_model(tiny_tokenizer, layers=3)
+    queries = _queries(tiny_tokenizer, _records("medical", 3) + _records("legal", 2), max_length=96)
+    _, head = split_model(model, 2)
+    head.model.embed_tokens.warm([(q.context, q.rows) for q in queries[:2]])  # the rest fill the cache lazily
+    torch.manual_seed(1)
+    base = {n: p.detach() for n, p in head.model.named_parameters() if n.startswith("layers.") or n == "norm.weight"}
+    delta = {n: (0.05 * torch.randn_like(w)).requires_grad_() for n, w in base.items()}
+    got = level_logprobs(head, {n: base[n] + delta[n] for n in base}, queries)
+    got.sum().backward()
+    got_grad = {n: d.grad.clone() for n, d in delta.items()}
+
+    for d in delta.values():
+        d.grad = None
+    full = {_full_name(n, 3, 2): base[n] + delta[n] for n in base}
+    want = []
+    for q in queries:
+        for r, s in zip(q.rows, q.starts):
+            logits = functional_call(model, full, (torch.tensor([r]),)).logits[0, s - 1: len(r) - 1]
+            want.append(F.log_softmax(logits, -1).gather(1, torch.tensor(r[s:])[:, None]).mean())
+    want = torch.stack(want).view(len(queries), 3)
+    want.sum().backward()
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    for n, d in delta.items():
+        assert torch.allclose(got_grad[n], d.grad, atol=1e-5, rtol=1e-4), n

@@ -54,7 +54,8 @@ class TrunkEmbedding(nn.Module):
         return 0
 
     @torch.no_grad()
-    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The trunk's output for one unpadded row of token ids, from the cache when known."""
         key = ids.cpu().numpy().tobytes()
         cached = self.cache.get(key)
         if cached is not None:
@@ -117,7 +118,7 @@ class TrunkEmbedding(nn.Module):
         # is all the head attends to; pad positions stay zero and are masked out.
         for i in range(b):
             n = int(lengths[i])
-            out[i, :n] = self._hidden(input_ids[i, :n])
+            out[i, :n] = self.hidden(input_ids[i, :n])
         return out
 
 
