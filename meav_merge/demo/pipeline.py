@@ -2,16 +2,14 @@
 
 base model → DPO-trained vectors, one domain at a time (medical and safety: what the
 single-domain recipes, the transfer recipe and AWOT's anchors use) → composed vectors for
-medical, financial and legal in half the steps of ``meav train-composed`` (what the
-insurance recipe merges) → plain ``mergekit-yaml yaml_recipes/insurance.yaml`` → plain
+medical, financial and legal (``meav train-composed`` with its defaults: what the insurance
+recipe merges) → plain ``mergekit-yaml yaml_recipes/insurance.yaml`` → plain
 ``lm_eval --tasks meav_pref`` on the merged model → λ sweeps, out-of-domain table and
 Table-1 style comparison → ``out/report/README.md``.
 
-Why not all four DPO vectors and the full composed run: on 2 CPU cores they take
-22 + 28 min, and a from-nothing demo must stay within 45 minutes. The financial and legal
-DPO vectors are ``meav train --domain D`` away (~6 min each), the full composed run
-``meav train-composed`` (28 min); ``--dpo-domains`` and ``--composed-steps/--composed-lr``
-bring them into the demo.
+Why not all four DPO vectors: on 2 CPU cores the financial and legal ones add ~13 min,
+and a from-nothing demo must stay within 45 minutes. They are ``meav train --domain D``
+away; ``--dpo-domains`` brings them into the demo.
 
 Each step records what it produced in ``out/demo_state.json``; a rerun skips the steps
 already finished whose inputs are unchanged, so an interrupted or failed run resumes
@@ -36,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from meav_merge.coefficients import lambdas_arg
 from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
+from meav_merge.training.composed import ComposedTrainConfig
 
 DOMAINS = ("medical", "financial", "legal", "safety")
 COMPOSED_DOMAINS = ("medical", "financial", "legal")
@@ -85,14 +84,16 @@ class DemoConfig:
     # 40 is the smallest validation split of the proficiency domains (issue 13 asks ≥ 40).
     calibration_queries: int = _opt(40, "validation queries per domain for each vector's calibration "
                                         "(the λ per level that `level:` in a recipe resolves to)", positive=True)
-    # Half the steps of `meav train-composed` at twice its rate: the same total movement of the
-    # vectors in ~16 min instead of 28. Half the steps at the default rate, or 124 records per
-    # domain for 350-500 steps, lose legal expert on test (docs/results/multidomain/composed/demo_subset.md).
+    # The full run of `meav train-composed` (its defaults): since the composed step shares each
+    # context across its responses (bench/composed_step.py) it fits in the 45 minutes. Shorter runs
+    # (350-500 steps, or 124 records per domain) lose legal expert on test
+    # (docs/results/multidomain/composed/demo_subset.md).
     composed_records: Optional[int] = _opt(None, "train records per domain of the composed training the "
                                                  "insurance recipe uses (default: all; the first by id)",
                                            positive=True)
-    composed_steps: int = _opt(350, "steps of that composed training", positive=True)
-    composed_lr: float = _opt(4e-4, "learning rate of that composed training", positive=True)
+    composed_steps: int = _opt(ComposedTrainConfig.steps, "steps of that composed training", positive=True)
+    composed_lr: float = _opt(ComposedTrainConfig.learning_rate, "learning rate of that composed training",
+                              positive=True)
     # The demo's vectors find every level within |λ| ≤ 1.5; a level that is never dominant (financial
     # generic) costs every point of the grid, so the demo's grid stops at ±2 (9 points, not 13).
     calibration_lambdas: Tuple[float, ...] = _opt((-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0),
@@ -182,14 +183,14 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
 
 
 def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
-    """The three proficiency vectors trained together (``meav train-composed``, shortened as
-    ``cfg.composed_*`` say): what the insurance recipe merges, since vectors trained one domain
+    """The three proficiency vectors trained together (``meav train-composed``, with
+    ``cfg.composed_*``): what the insurance recipe merges, since vectors trained one domain
     at a time do not compose."""
     run_dir = cfg.runs / "composed"
     domains = COMPOSED_DOMAINS
 
     def train():
-        from meav_merge.training.composed import ComposedTrainConfig, train_composed
+        from meav_merge.training.composed import train_composed
 
         done = all((run_dir / "vectors" / d / "meav_vector.json").is_file() for d in domains)
         if not done:
