@@ -165,3 +165,34 @@ def test_lambda_control_criterion():
     assert lambda_control(summary(0.8, 0.7))["met"]
     assert not lambda_control(summary(0.78, 0.9))["met"]
     assert not lambda_control(summary(0.9, 0.69))["met"]  # λ = 0 points count for neither side
+
+
+def test_trunk_warm_shares_the_common_prompt_prefix(tiny_dirs):
+    """Prompts that share a system turn: the warmed trunk states (prefix run once, each prompt
+    and its responses continuing from its cache) equal a plain forward of each row."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meav_merge.training.trunk import _common_prefix, split_model
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dirs["base"]))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dirs["base"]), dtype=torch.float32)
+    _, head = split_model(model, 1)
+    emb = head.model.embed_tokens
+    system = tok("<|im_start|>system\nyou help<|im_end|>\n", add_special_tokens=False).input_ids
+    groups = []
+    for q in ("tax return", "landlord notice", "blood pressure pills"):
+        prompt = system + tok(q, add_special_tokens=False).input_ids
+        groups.append((prompt, [prompt + tok(a, add_special_tokens=False).input_ids for a in (" take 500 mg", " sorry")]))
+    assert _common_prefix([p for p, _ in groups]) == tuple(system)
+    misses, hits = emb.misses, emb.hits  # split_model's own exactness check counted one
+    emb.warm(groups)
+    assert len(emb.cache) == 6
+    with torch.no_grad():
+        for _, rows in groups:
+            for r in rows:
+                want = model.model(input_ids=torch.tensor([r]), output_hidden_states=True).hidden_states[1][0]
+                assert torch.allclose(emb.hidden(torch.tensor(r)), want, atol=1e-5)
+    assert (emb.misses, emb.hits) == (misses, hits + 6)  # every row came from the warmed cache
+    assert _common_prefix([(1, 2, 3), (1, 2)]) == (1,)  # every prompt keeps a token of its own
+    assert _common_prefix([(5, 2), (1, 2)]) == () and _common_prefix([(1, 2)]) == ()

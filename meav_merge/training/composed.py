@@ -186,14 +186,20 @@ def _weights(base: dict, center: dict, vectors: Dict[str, dict], lam: Dict[str, 
     return out
 
 
-def _optimize(head, queries: Dict[str, List[_Query]], config: ComposedTrainConfig):
+def _draws(queries: Dict[str, List[_Query]], config: ComposedTrainConfig) -> list:
+    """Every step's (λ, queries, targets), drawn up front: the draws depend on the seed alone, and
+    knowing them lets the trunk set-up skip the queries no step uses (~7% at the defaults)."""
+    rng = random.Random(config.seed)
+    return [_sample(rng, list(queries), queries, config.queries_per_domain) for _ in range(config.steps)]
+
+
+def _optimize(head, queries: Dict[str, List[_Query]], draws: list, config: ComposedTrainConfig):
     """The training loop: returns the centered deltas, each domain's deltas and the loss log."""
     import torch
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     domains = list(queries)
     base = {n: p.detach() for n, p in head.model.named_parameters() if n.startswith("layers.") or n == "norm.weight"}
     for p in head.parameters():
@@ -206,8 +212,7 @@ def _optimize(head, queries: Dict[str, List[_Query]], config: ComposedTrainConfi
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(config.warmup_ratio * config.steps), config.steps)
     log, window = [], []
     bar = tqdm(range(1, config.steps + 1), desc="composed training", unit="step")
-    for step in bar:
-        lam, batch, targets = _sample(rng, domains, queries, config.queries_per_domain)
+    for step, (lam, batch, targets) in zip(bar, draws):
         means = level_logprobs(head, _weights(base, center, vectors, lam), batch)
         loss, hits = composed_loss(means, targets, config.sharpness, config.anchor_weight)
         loss.backward()
@@ -274,9 +279,11 @@ def train_composed(base: str | os.PathLike, data: str | os.PathLike, out: str | 
             raise ValueError(f"{d}: only {len(queries[d])} usable train records")
     _, head = split_model(model, config.trainable_layers)  # raises for a layout it cannot split exactly
     started = time.time()
-    head.model.embed_tokens.warm([(q.context, q.rows) for qs in queries.values() for q in qs])
+    draws = _draws(queries, config)
+    used = {id(q): q for _, batch, _ in draws for q in batch}.values()
+    head.model.embed_tokens.warm([(q.context, q.rows) for q in used])
     setup = time.time() - started
-    center, vectors, log = _optimize(head, queries, config)
+    center, vectors, log = _optimize(head, queries, draws, config)
     n, k = model.config.num_hidden_layers, config.trainable_layers
     base_w = {_full_name(h, n, k): p.detach().clone() for h, p in head.model.named_parameters()
               if h in center}

@@ -79,17 +79,26 @@ class TrunkEmbedding(nn.Module):
     @torch.no_grad()
     def warm(self, groups, batch_size: int = 8) -> None:
         """Fill the cache for many rows sharing prompts: each prompt's trunk runs once and
-        its completions run as one batch continuing from the repeated KV cache."""
+        its completions run as one batch continuing from the repeated KV cache. The prefix
+        every prompt shares (a chat template's system turn, ~6% of a query's tokens here)
+        runs once for all of them."""
         from tqdm.auto import tqdm
 
+        groups = [(tuple(p), rows) for p, rows in groups]
+        common = _common_prefix([p for p, _ in groups])
+        shared = self._trunk(input_ids=torch.tensor([common]), use_cache=True) if common else None
         for prompt, rows in tqdm(groups, desc="trunk", unit="prompt", leave=False):
-            rows = [r for r in dict.fromkeys(tuple(r) for r in rows) if r[: len(prompt)] == tuple(prompt)
+            rows = [r for r in dict.fromkeys(tuple(r) for r in rows) if r[: len(prompt)] == prompt
                     and len(r) > len(prompt) and bytes(torch.tensor(r).numpy().tobytes()) not in self.cache]
             if not rows:
                 continue
-            p_ids = torch.tensor([prompt])
-            out = self._trunk(input_ids=p_ids, use_cache=True)
-            h_prompt = out.last_hidden_state[0]
+            if shared is None:
+                out = self._trunk(input_ids=torch.tensor([prompt]), use_cache=True)
+                h_prompt = out.last_hidden_state[0]
+            else:
+                out = self._trunk(input_ids=torch.tensor([prompt[len(common):]]), use_cache=True,
+                                  **{cache_arg(): copy.deepcopy(kv_cache(shared))})
+                h_prompt = torch.cat([shared.last_hidden_state[0], out.last_hidden_state[0]])
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 tails = [r[len(prompt):] for r in chunk]
@@ -120,6 +129,20 @@ class TrunkEmbedding(nn.Module):
             n = int(lengths[i])
             out[i, :n] = self.hidden(input_ids[i, :n])
         return out
+
+
+def _common_prefix(prompts) -> tuple:
+    """The longest prefix all prompts share, shorter than each (every prompt keeps a token of its own)."""
+    if len(prompts) < 2:
+        return ()
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return tuple(first[:n])
 
 
 def split_model(model, k: int) -> Tuple[nn.Module, nn.Module]:
