@@ -146,3 +146,26 @@ def test_sweep_command_writes_its_files_and_says_where(search_setup, tmp_path, c
                  "--split", "validation", "--lambdas=-1,0,1", "--out", str(out)]) == 0
     assert {f.name for f in out.iterdir()} == {"sweep_medical.csv", "sweep_medical.json", "sweep_medical.png"}
     assert f"wrote sweep_medical.csv/.json/.png into {out}" in capsys.readouterr().out
+
+
+def test_ood_command_writes_the_table_its_n_and_a_plot(search_setup, tmp_path, capsys):
+    """`meav eval ood`: the rows equal ood_table's, the JSON says n per domain and the split,
+    and a PNG comes with them (issue 17 asks for CSV/JSON + PNG per experiment)."""
+    from meav_merge.data.schema import load_records
+    from meav_merge.evaluation.sweep import ReweightableModel
+    from meav_merge.evaluation.tables import ood_table
+    from meav_merge.vectors.alignment_vector import AlignmentVector
+
+    base, data, vectors = search_setup
+    out = tmp_path / "ood"
+    assert main(["eval", "ood", "--model", str(base), "--data", str(data), "--vector", f"medical={vectors['medical']}",
+                 "--lambdas=-2,0,2", "--domains", "medical,legal", "--split", "validation", "--limit", "3",
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "ood.json").read_text())
+    rm = ReweightableModel(base, [AlignmentVector.load(vectors["medical"])])
+    assert saved["rows"] == ood_table(rm, [-2.0, 0.0, 2.0], str(data), ["medical", "legal"], split="validation",
+                                      limit=3)
+    assert saved["split"] == "validation"
+    assert saved["n"] == {d: min(3, len(load_records(data, d, "validation"))) for d in ("medical", "legal")}
+    assert (out / "ood.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {out}/ood.csv, ood.json and ood.png" in capsys.readouterr().out

@@ -29,19 +29,25 @@ def _cmd_sweep(args) -> None:
 
 def _cmd_ood(args) -> None:
     from meav_merge.evaluation.sweep import ReweightableModel
-    from meav_merge.evaluation.tables import format_wide_table, ood_table
+    from meav_merge.data.schema import load_records
+    from meav_merge.evaluation.tables import format_wide_table, ood_table, plot_ood
     from meav_merge.io.checkpoint import atomic_output_dir
     from meav_merge.io.rows import write_rows_csv
     from meav_merge.vectors.alignment_vector import AlignmentVector
 
     name, path = _one_vector(args.vector)
     rm = ReweightableModel(args.model, [AlignmentVector.load(path)], transfer=args.transfer)
-    rows = ood_table(rm, args.lambdas, args.data, args.domains.split(","), limit=args.limit)
+    domains = args.domains.split(",")
+    rows = ood_table(rm, args.lambdas, args.data, domains, split=args.split, limit=args.limit)
+    n = {d: len(load_records(args.data, d, args.split)[: args.limit or None]) for d in domains}
     with atomic_output_dir(args.out, force=args.force) as tmp:
         write_rows_csv(rows, tmp / "ood.csv")
-        (tmp / "ood.json").write_text(json.dumps({"vector": {name: path}, "rows": rows}, indent=2))
+        (tmp / "ood.json").write_text(json.dumps({"vector": {name: path}, "model": str(args.model), "split": args.split,
+                                                  "n": n, "transfer": args.transfer, "rows": rows}, indent=2))
+        plot_ood(rows, f"{name} vector on {args.model} ({args.split}; n = {', '.join(map(str, n.values()))})",
+                 tmp / "ood.png")
     print(format_wide_table(rows))
-    print(f"wrote {args.out}/ood.csv and ood.json")
+    print(f"wrote {args.out}/ood.csv, ood.json and ood.png")
 
 
 def _cmd_grid(args) -> None:
@@ -131,7 +137,8 @@ def add_cli(sub) -> None:
     add_vectors(q, help="NAME=DIR, the one vector to move the model along")
     q.add_argument("--domains", default="financial,legal,safety,helpfulness",
                    help="comma-separated domains to score (default: %(default)s)")
-    add_output(q, "output directory (ood.csv, ood.json)")
+    q.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+    add_output(q, "output directory (ood.csv, ood.json, ood.png)")
     q.set_defaults(func=_cmd_ood)
 
     q = ev.add_parser("grid", help="every combination of coefficients for several vectors, each domain scored "

@@ -116,6 +116,34 @@ def ood_table(rm: ReweightableModel, lambdas: Sequence[float], data: str, domain
             for lam in tqdm(lambdas, desc="out-of-domain", unit="λ")]
 
 
+def plot_ood(rows: Sequence[dict], title: str, path: Path) -> Path:
+    """One panel per scored domain: each level's preference accuracy against λ (``ood_table``'s rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(dict.fromkeys(k.split(":")[0] for k in rows[0] if ":" in k))
+    lambdas = [r["lambda"] for r in rows]
+    fig, axes = plt.subplots(1, len(domains), figsize=(2.6 * len(domains) + 1.2, 3.0), dpi=120, sharey=True,
+                             squeeze=False)
+    for ax, dom in zip(axes[0], domains):
+        for key in [k for k in rows[0] if k.startswith(dom + ":")]:
+            lv = key.split(":", 1)[1]
+            ax.plot(lambdas, [r[key] for r in rows], marker="o", ms=3, label=lv, color=COLORS.get(lv))
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_title(dom, fontsize=9)
+        ax.set_xlabel("λ")
+        ax.set_ylim(-0.02, 1.05)
+        ax.legend(fontsize=6, loc="best")
+    axes[0][0].set_ylabel("preference accuracy")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def grid_table(rm: ReweightableModel, names: Sequence[str], values: Sequence[float], data: str,
                domains: Sequence[str], split: str = "test", limit: Optional[int] = None) -> List[dict]:
     """Every combination of ``values`` for the loaded vectors (named ``names``), each domain scored:
