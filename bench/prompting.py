@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     import torch
 
     from meav_merge.awot import load_causal_lm
+    from meav_merge.cli.options import one_vector
+    from meav_merge.coefficients import number_arg
     from meav_merge.awot.evaluate import generate
     from meav_merge.data.schema import load_records
     from meav_merge.evaluation.scoring import chat_context, tok_encode
@@ -63,15 +65,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="the target model both techniques start from")
     p.add_argument("--vector", required=True, help="DOMAIN=DIR: the vector merged, and whose test queries are used")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="λ of the merged vector")
+    p.add_argument("--lambda", dest="lam", type=number_arg("--lambda"), default=1.0, help="λ of the merged vector")
     p.add_argument("--level", default="expert", choices=sorted(LEVEL_PROMPTS), help="the level prompting asks for")
-    p.add_argument("--queries", type=int, default=12)
-    p.add_argument("--tokens", type=int, default=48, help="new tokens per answer")
+    p.add_argument("--queries", type=number_arg("--queries", integer=True, positive=True), default=12)
+    p.add_argument("--tokens", type=number_arg("--tokens", integer=True, positive=True), default=48,
+                   help="new tokens per answer")
     p.add_argument("--out", type=Path, help="folder for prompting_cost.json")
     args = p.parse_args(argv)
-    if not (args.lam == args.lam and abs(args.lam) != float("inf")):
-        p.error(f"--lambda must be finite, not {args.lam}")
-    domain, vector_dir = args.vector.split("=", 1)
+    try:
+        domain, vector_dir = one_vector([args.vector])
+    except ValueError as e:
+        p.error(str(e))
 
     prompting, tok = load_causal_lm(args.model)
     merged, _ = load_causal_lm(args.model)

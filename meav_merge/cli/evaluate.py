@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 
 from meav_merge.cli.options import (add_data, add_model, add_output, add_vectors, named_number_arg, named_numbers,
-                                    named_vectors)
+                                    named_vectors, one_vector)
 from meav_merge.coefficients import lambdas_arg, number_arg, parse_lambdas
-
-
-def _one_vector(specs) -> tuple:
-    vectors = named_vectors(specs)
-    if len(vectors) != 1:
-        raise ValueError(f"--vector: give exactly one NAME=DIR, not {len(vectors)}")
-    return next(iter(vectors.items()))
 
 
 def _cmd_sweep(args) -> None:
@@ -35,7 +28,7 @@ def _cmd_ood(args) -> None:
     from meav_merge.io.rows import write_rows_csv
     from meav_merge.vectors.alignment_vector import AlignmentVector
 
-    name, path = _one_vector(args.vector)
+    name, path = one_vector(args.vector)
     rm = ReweightableModel(args.model, [AlignmentVector.load(path)], transfer=args.transfer)
     domains = args.domains.split(",")
     rows = ood_table(rm, args.lambdas, args.data, domains, split=args.split, limit=args.limit)
@@ -88,7 +81,7 @@ def _cmd_table1(args) -> None:
     if len(values) != 3 or ":" in args.meav_lambdas:
         raise ValueError(f"--meav-lambdas: give three values (expert,generic,avoidance), not {args.meav_lambdas!r}")
     lams = dict(zip(("expert", "generic", "avoidance"), values))
-    domain, path = _one_vector(args.vector)
+    domain, path = one_vector(args.vector)
     rm = ReweightableModel(args.model, [AlignmentVector.load(path)], transfer=args.transfer)
     records = load_records(args.data, domain, "test")[: args.limit or None]
     judge = None

@@ -18,7 +18,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from meav_merge.coefficients import number_arg, parse_number
 from meav_merge.resources import DEFAULT_MODEL_DIR, data_dir
@@ -42,6 +42,14 @@ def parse_named(specs: Optional[Sequence[str]], key: str) -> Dict[str, str]:
 def named_vectors(specs: Optional[Sequence[str]]) -> Dict[str, str]:
     """``--vector NAME=DIR`` values as {name: directory}."""
     return parse_named(specs, "--vector")
+
+
+def one_vector(specs: Optional[Sequence[str]]) -> Tuple[str, str]:
+    """``--vector NAME=DIR`` where exactly one vector is meant: (name, directory)."""
+    vectors = named_vectors(specs)
+    if len(vectors) != 1:
+        raise ValueError(f"--vector: give exactly one NAME=DIR, not {len(vectors)}")
+    return next(iter(vectors.items()))
 
 
 def named_numbers(specs: Optional[Sequence[str]], key: str, names: Iterable[str]) -> Dict[str, float]:
