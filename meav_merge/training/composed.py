@@ -16,8 +16,17 @@ domain vectors are relative to it, so recipes, ``meav search`` and ``lm_eval`` u
 
 The loss is the quantity preference accuracy ranks: a softmax over the three levels'
 token-mean log-probs (scaled by ``sharpness``), plus an NLL anchor on the target
-response so probability mass is not moved onto text in neither response. Scoring's own
-tokenization (``evaluation.scoring.prepare``) is used, so what is trained is what is scored.
+response so probability mass is not moved onto text in neither response, plus a
+*fluency* term: the KL divergence from the base model's next-token distribution at every
+response position, under whatever λ the step drew. The NLL anchor only watches the one
+token the data has at each position; the rest of the distribution was free to drift, and
+summed vectors drifted it onto a few words ("like", "can also") that greedy decoding then
+loops on (README, "Shipped recipes"). The KL watches the whole distribution, so the
+ranking is reached with the smallest change that reaches it, as in DPO's KL-regularized
+objective. The base's distribution is kept as its top ``fluency_top_k`` tokens plus one
+bin for the rest (an exact KL between those coarsened distributions, a lower bound of the
+full one) and computed once, before training. Scoring's own tokenization
+(``evaluation.scoring.prepare``) is used, so what is trained is what is scored.
 
 A custom loop rather than trl: trl trains one model on pairs, while here each step's
 weights are a λ-weighted sum of several parameter sets, which neither trl nor peft offers.
@@ -42,6 +51,10 @@ from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files
 
 logger = logging.getLogger(__name__)
 
+# The fluency term looks at every FLUENCY_STRIDE-th response position: the base model's LM head over
+# every position was a third of the frozen-trunk set-up (~2 of the demo's 45 minutes), and adjacent
+# positions of one text say much the same about a drift of the whole distribution.
+FLUENCY_STRIDE = 2
 # λ of a domain → the level it asks for
 LEVEL_AT = {-1: "avoidance", 0: "generic", 1: "expert"}
 
@@ -71,6 +84,11 @@ class ComposedTrainConfig:
     anchor_weight: float = field(default=0.2, metadata=_help(
         "weight of the NLL of the target response (keeps the text likely, so generation stays fluent)",
         minimum=0))
+    fluency_weight: float = field(default=1.0, metadata=_help(
+        "weight of the KL divergence from the base model's next-token distribution on the responses "
+        "(0: off); keeps summed vectors from drifting greedy text into loops", minimum=0))
+    fluency_top_k: int = field(default=16, metadata=_help(
+        "base-model tokens kept per position for that KL; the rest share one bin", positive=True))
     max_length: int = field(default=256, metadata=_help("longest prompt + response in tokens", positive=True))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm", positive=True))
     train_records: Optional[int] = field(default=None, metadata=_help(
@@ -92,6 +110,8 @@ class _Query:
     rows: List[List[int]]  # context + continuation ids, one row per level (expert, generic, avoidance)
     starts: List[int]  # index of each row's first scored response token
     context: List[int]
+    # the base model's top-k next-token (ids, log-probs) at every response position, rows concatenated
+    reference: Optional[tuple] = None
 
 
 def _queries(tokenizer, records, max_length: int) -> List[_Query]:
@@ -112,18 +132,27 @@ def _queries(tokenizer, records, max_length: int) -> List[_Query]:
     return out
 
 
-def level_logprobs(head, params: dict, queries: Sequence[_Query]):
-    """Token-mean log-prob of every level of every query under ``head`` with ``params``: (n, 3).
+def response_logprobs(head, params: dict, queries: Sequence[_Query]):
+    """Next-token log-probs at every response position of every level of every query under
+    ``head`` with ``params``: (positions, vocab), the positions' targets and each row's count.
+    The LM head's log-probs are computed here rather than by ``evaluation.top_layer.token_logprobs``:
+    its logsumexp form costs 0.1-0.2 s more per step in backward than the fused log-softmax."""
+    import torch.nn.functional as F
+
+    states, targets, counts = response_states(head, params, queries)
+    return F.log_softmax(head.lm_head(states).float(), dim=-1), targets, counts  # one LM-head pass
+
+
+def response_states(head, params: dict, queries: Sequence[_Query]):
+    """The LM head's inputs at every response position (positions, hidden), their targets and
+    each row's count.
 
     Each query's context goes through the head once and its three responses continue
     from that KV cache (repeated per response), instead of three padded rows that each
     repeat the context: the same function to float precision, gradients included, with
     about 40% fewer token-layer passes (tests/test_composed.py checks it against a plain
-    forward of each row; bench/composed_step.py times it against the padded rows).
-    The LM head's log-probs are computed here rather than by ``evaluation.top_layer.token_logprobs``:
-    its logsumexp form costs 0.1-0.2 s more per step in backward than the fused log-softmax."""
+    forward of each row; bench/composed_step.py times it against the padded rows)."""
     import torch
-    import torch.nn.functional as F
     from torch.func import functional_call
 
     from meav_merge.layers import cache_arg, kv_cache
@@ -151,10 +180,67 @@ def level_logprobs(head, params: dict, queries: Sequence[_Query]):
             inputs.append(full[s - 1: len(r) - 1])
             targets.extend(r[s:])
             counts.append(len(r) - s)
-    logits = head.lm_head(torch.cat(inputs)).float()  # one LM-head pass for the whole batch
-    picked = F.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
-    means = torch.stack([p.mean() for p in picked.split(counts)])
-    return means.view(len(queries), len(PROFICIENCY_LEVELS))
+    return torch.cat(inputs), torch.tensor(targets), counts
+
+
+def level_logprobs(head, params: dict, queries: Sequence[_Query]):
+    """Token-mean log-prob of every level of every query under ``head`` with ``params``: (n, 3)."""
+    return level_means(response_logprobs(head, params, queries))
+
+
+def level_means(logprobs):
+    """``response_logprobs``'s result → token-mean log-prob of each row, one line per query: (n, 3)."""
+    import torch
+
+    logp, targets, counts = logprobs
+    picked = logp.gather(1, targets[:, None])[:, 0]
+    return torch.stack([p.mean() for p in picked.split(counts)]).view(-1, len(PROFICIENCY_LEVELS))
+
+
+def attach_reference(head, params: dict, queries: Sequence[_Query], top_k: int, batch: int = 4) -> None:
+    """Store, on each query, the top-k next-token distribution of ``head`` with ``params`` (the
+    base model) at its response positions: the fluency term's reference, computed once."""
+    import torch
+    from tqdm.auto import tqdm
+
+    todo = [q for q in queries if q.reference is None]
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(todo), batch), desc="fluency reference", unit="batch", leave=False):
+            chunk = todo[i:i + batch]
+            states, _, counts = response_states(head, params, chunk)
+            per_query = _per_query(counts)
+            states = torch.cat([s[::FLUENCY_STRIDE] for s in states.split(per_query)])
+            logits = head.lm_head(states).float()
+            # top-k of the logits minus their logsumexp: no (positions, vocab) log-softmax is written
+            top = logits.topk(top_k, dim=-1)
+            top.values.sub_(logits.logsumexp(-1, keepdim=True))
+            kept = [len(range(0, n, FLUENCY_STRIDE)) for n in per_query]
+            for q, ids, lp in zip(chunk, top.indices.split(kept), top.values.split(kept)):
+                q.reference = (ids.to(torch.int32), lp.clone())
+
+
+def _per_query(row_counts: List[int]) -> List[int]:
+    """Response positions per query, from ``response_logprobs``'s positions per row."""
+    k = len(PROFICIENCY_LEVELS)
+    return [sum(row_counts[i:i + k]) for i in range(0, len(row_counts), k)]
+
+
+def fluency_kl(logprobs, queries: Sequence[_Query]):
+    """Mean over response positions (every ``FLUENCY_STRIDE``-th) of KL(base ‖ model) between the
+    top-k-plus-rest coarsenings of the two next-token distributions. ``logprobs``: ``response_logprobs``
+    of ``queries``, on which ``attach_reference`` has run."""
+    import torch
+
+    logp, _, counts = logprobs
+    logp = torch.cat([lp[::FLUENCY_STRIDE] for lp in logp.split(_per_query(counts))])
+    ids = torch.cat([q.reference[0] for q in queries]).long()
+    ref = torch.cat([q.reference[1] for q in queries])
+    model = logp.gather(1, ids)
+    # the rest bin: log(1 - Σ top-k p), clamped so a near-one top-k mass stays finite
+    rest = lambda lp: torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))  # noqa: E731
+    ref_rest, model_rest = rest(ref), rest(model)
+    kl = (ref.exp() * (ref - model)).sum(-1) + ref_rest.exp() * (ref_rest - model_rest)
+    return kl.mean()
 
 
 def composed_loss(means, targets, sharpness: float, anchor_weight: float):
@@ -216,8 +302,10 @@ def _optimize(head, queries: Dict[str, List[_Query]], draws: list, config: Compo
     log, window = [], []
     bar = tqdm(range(1, config.steps + 1), desc="composed training", unit="step")
     for step, (lam, batch, targets) in zip(bar, draws):
-        means = level_logprobs(head, _weights(base, center, vectors, lam), batch)
-        loss, hits = composed_loss(means, targets, config.sharpness, config.anchor_weight)
+        logprobs = response_logprobs(head, _weights(base, center, vectors, lam), batch)
+        loss, hits = composed_loss(level_means(logprobs), targets, config.sharpness, config.anchor_weight)
+        if config.fluency_weight:
+            loss = loss + config.fluency_weight * fluency_kl(logprobs, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
@@ -285,6 +373,8 @@ def train_composed(base: str | os.PathLike, data: str | os.PathLike, out: str | 
     draws = _draws(queries, config)
     used = {id(q): q for _, batch, _ in draws for q in batch}.values()
     head.model.embed_tokens.warm([(q.context, q.rows) for q in used])
+    if config.fluency_weight:
+        attach_reference(head, {}, list(used), config.fluency_top_k)  # {}: the head's own (base) weights
     setup = time.time() - started
     center, vectors, log = _optimize(head, queries, draws, config)
     n, k = model.config.num_hidden_layers, config.trainable_layers
