@@ -104,3 +104,83 @@ def test_level_logprobs_equal_a_plain_forward_of_each_row(tiny_tokenizer):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     for n, d in delta.items():
         assert torch.allclose(got_grad[n], d.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_fluency_kl_is_the_kl_of_the_coarsened_distributions(tiny_tokenizer):
+    """At the base weights the fluency term is zero; under changed weights it equals KL(base ‖ model)
+    over each kept position's base top-k tokens plus one bin for the rest, written out by hand from
+    full forwards of the whole model."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from meav_merge.training.composed import (FLUENCY_STRIDE, _full_name, _queries, attach_reference,
+                                              fluency_kl, response_logprobs)
+    from meav_merge.training.trunk import split_model
+    from tests.tiny import build_model
+
+    model = build_model(tiny_tokenizer, layers=3)
+    queries = _queries(tiny_tokenizer, _records("medical", 2) + _records("legal", 1), max_length=96)
+    _, head = split_model(model, 2)
+    attach_reference(head, {}, queries, top_k=4, batch=2)
+    assert abs(float(fluency_kl(response_logprobs(head, {}, queries), queries))) < 1e-6
+    torch.manual_seed(3)
+    base = {n: p.detach() for n, p in head.model.named_parameters() if n.startswith("layers.")}
+    moved = {n: w + 0.2 * torch.randn_like(w) for n, w in base.items()}
+    got = fluency_kl(response_logprobs(head, moved, queries), queries)
+
+    def positions(weights):
+        out = []
+        for q in queries:
+            rows = [functional_call(model, weights, (torch.tensor([r]),)).logits[0, s - 1: len(r) - 1]
+                    for r, s in zip(q.rows, q.starts)]
+            out.append(F.log_softmax(torch.cat(rows), -1)[::FLUENCY_STRIDE])
+        return torch.cat(out)
+
+    with torch.no_grad():
+        ref = positions({})
+        new = positions({_full_name(n, 3, 2): w for n, w in moved.items()})
+    ids = ref.topk(4, -1).indices
+    p, q = ref.gather(1, ids).exp(), new.gather(1, ids).exp()
+    p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
+    want = ((p * (p.log() - q.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).mean()
+    assert float(got) > 1e-3
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-6), (float(got), float(want))
+
+
+def test_fluency_weight_keeps_the_steered_model_near_the_base(tiny_dirs, composed_data, tmp_path):
+    """The same training with and without the fluency term: with it, every λ combination's next-token
+    distributions stay closer to the base model's, while the targets are still met."""
+    import torch
+
+    from meav_merge.evaluation.search import ExactEvaluator
+    from meav_merge.evaluation.sweep import ReweightableModel
+    from meav_merge.training.composed import _queries, attach_reference, fluency_kl, response_logprobs
+    from meav_merge.training.trunk import split_model
+    from meav_merge.vectors.alignment_vector import AlignmentVector
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["base"])
+    queries = _queries(tok, _records("medical") + _records("legal"), max_length=96)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["base"], dtype=torch.float32)
+    _, base_head = split_model(base, 1)
+    attach_reference(base_head, {}, queries, top_k=32)
+    drift, met = {}, {}
+    level = {-1: "avoidance", 0: "generic", 1: "expert"}
+    for weight in (0.0, 30.0):
+        cfg = ComposedTrainConfig(steps=150, trainable_layers=1, learning_rate=3e-3, max_length=96,
+                                  logging_steps=50, fluency_weight=weight, fluency_top_k=32)
+        out = train_composed(tiny_dirs["base"], composed_data, tmp_path / f"run{weight}", list(TOPICS), cfg)
+        rm = ReweightableModel(out / "centered", [AlignmentVector.load(out / "vectors" / d) for d in TOPICS])
+        ev = ExactEvaluator(rm, str(composed_data), list(TOPICS), split="train")
+        kls, hits = [], 0
+        for lam in itertools.product((-1, 0, 1), repeat=2):
+            fr = ev(lam).fractions
+            hits += all(fr[d][level[x]] > 0.5 for d, x in zip(TOPICS, lam))
+            rm.set(lam)
+            _, head = split_model(rm.model, 1)
+            with torch.no_grad():
+                kls.append(float(fluency_kl(response_logprobs(head, {}, queries), queries)))
+        drift[weight], met[weight] = kls, hits
+    assert met[30.0] >= 7, met
+    assert sum(drift[30.0]) < 0.7 * sum(drift[0.0]), drift

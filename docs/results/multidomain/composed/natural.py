@@ -6,8 +6,12 @@ already scored on test (``search_grid/search_report.json``) are reused, not resc
 scoring is deterministic. Run from the repository root after ``run.sh``:
 
     .venv/bin/python docs/results/multidomain/composed/natural.py
+
+For vectors the grid search did not score (say, a retraining), ``--reuse none`` scores all 27
+points and ``--out`` puts the table elsewhere.
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -18,12 +22,20 @@ from meav_merge.resources import data_dir
 from meav_merge.vectors.alignment_vector import AlignmentVector
 
 HERE = Path(__file__).parent
-RUN = Path("runs/composed")
 DOMAINS = ["medical", "financial", "legal"]
 LAMBDA = {"expert": 1.0, "generic": 0.0, "avoidance": -1.0}
 
-searched = json.loads((HERE / "search_grid" / "search_report.json").read_text())["held_out"]["results"]
-known = {tuple(r["lambda"][d] for d in DOMAINS): r["fractions"] for r in searched}
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--run", type=Path, default=Path("runs/composed"), help="meav train-composed's output folder")
+ap.add_argument("--out", type=Path, default=HERE / "natural.json")
+ap.add_argument("--reuse", default=str(HERE / "search_grid" / "search_report.json"),
+                help="a search report of the same vectors whose test points are reused; 'none' to score all")
+args = ap.parse_args()
+RUN = args.run
+known = {}
+if args.reuse != "none":
+    searched = json.loads(Path(args.reuse).read_text())["held_out"]["results"]
+    known = {tuple(r["lambda"][d] for d in DOMAINS): r["fractions"] for r in searched}
 rm = ReweightableModel(RUN / "centered", [AlignmentVector.load(RUN / "vectors" / d) for d in DOMAINS])
 test = ExactEvaluator(rm, str(data_dir()), DOMAINS, split="test")
 rows = []
@@ -34,7 +46,8 @@ for target in all_targets(DOMAINS):
     rows.append({"target": dict(target), "lambda": dict(zip(DOMAINS, lam)), "fractions": fractions,
                  "reached": reached, "rescored": lam not in known})
 n = sum(r["reached"] for r in rows)
-(HERE / "natural.json").write_text(json.dumps({"reached": n, "of": len(rows), "split": "test",
+args.out.parent.mkdir(parents=True, exist_ok=True)
+args.out.write_text(json.dumps({"reached": n, "of": len(rows), "split": "test",
                                                "new_evaluations": test.count, "results": rows}, indent=2))
 print(f"{n}/{len(rows)} reached on test at λ = +1/0/-1 ({test.count} new exact evaluations)")
 for r in rows:
