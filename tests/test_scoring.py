@@ -128,3 +128,15 @@ def test_reweightable_model_scores_each_point_once(tiny_dirs, tiny_tokenizer, tm
     other = rm.score(prepare(rm.tokenizer, _recs(), system="Be brief."))
     assert len(calls) == 3  # λ=0, λ=1.5, and the other prompt; the second λ=0 call was reused
     assert again == at_zero and moved != at_zero and other != at_zero
+
+
+def test_length_groups_cover_every_row_once_within_the_slack():
+    from meav_merge.evaluation.scoring import length_groups
+
+    lengths = [224, 130, 38, 221, 74, 84, 173, 112, 153, 1, 1, 60]
+    groups = length_groups(lengths, slack=1.5)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        widths = [lengths[i] for i in g]
+        assert widths == sorted(widths) and max(widths) <= 1.5 * min(widths)
+    assert len(groups) < len(lengths)  # similar lengths share a batch
