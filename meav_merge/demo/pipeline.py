@@ -202,7 +202,7 @@ def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
 
     pipe.run("train_composed", train, {"data": {d: _data_hash(cfg.data, d) for d in domains},
                                        "steps": cfg.composed_steps, "records": cfg.composed_records,
-                                       "lr": cfg.composed_lr, "fluency_weight": ComposedTrainConfig.fluency_weight},
+                                       "lr": cfg.composed_lr},
              [run_dir / "vectors" / d / "meav_vector.json" for d in domains],
              f"`meav train-composed --domains {','.join(domains)} --steps {cfg.composed_steps} --lr {cfg.composed_lr:g}"
              + (f" --train-records {cfg.composed_records}" if cfg.composed_records else "")
