@@ -53,7 +53,7 @@ from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files
 logger = logging.getLogger(__name__)
 
 # The fluency term looks at every FLUENCY_STRIDE-th response position: the base model's LM head over
-# every position was a third of the frozen-trunk set-up (~2 of the demo's 45 minutes), and adjacent
+# every position cost a third of the frozen-trunk set-up on top of it (~2.5 min at the defaults), and adjacent
 # positions of one text say much the same about a drift of the whole distribution.
 FLUENCY_STRIDE = 2
 # λ of a domain → the level it asks for
@@ -115,7 +115,7 @@ class _Query:
     rows: List[List[int]]  # context + continuation ids, one row per level (expert, generic, avoidance)
     starts: List[int]  # index of each row's first scored response token
     context: List[int]
-    # the base model's top-k next-token (ids, log-probs) at every response position, rows concatenated
+    # the base model's top-k next-token (ids, log-probs) at every FLUENCY_STRIDE-th response position
     reference: Optional[tuple] = None
 
 
