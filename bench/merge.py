@@ -20,37 +20,38 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ensure_model, median, perturbed_copy, run_measured  # noqa: E402
 
-IO_FLOOR = """
-import sys
+# The floor's work, one definition for both measurements: read every input tensor, write them out.
+COPY_TENSORS = """
 from safetensors import safe_open
 from safetensors.torch import save_file
-out = {}
-for path in sys.argv[2:]:
-    with safe_open(path, "pt") as f:
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
-save_file(out, sys.argv[1])
+
+
+def copy_tensors(dst, paths):
+    out = {}
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    save_file(out, dst)
+"""
+
+IO_FLOOR = COPY_TENSORS + """
+import sys
+copy_tensors(sys.argv[1], sys.argv[2:])
 """
 
 # The same work after start-up: imports first, then only the merge (or the floor's I/O) is timed.
-AFTER_STARTUP = """
+AFTER_STARTUP = COPY_TENSORS + """
 import sys, time
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from safetensors import safe_open
-from safetensors.torch import save_file
 import meav_merge.merge.method  # what the .pth hook would import on first use of mergekit.merge_methods
 
 started = time.perf_counter()
 if sys.argv[1] == "floor":
-    out = {}
-    for path in sys.argv[3:]:
-        with safe_open(path, "pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    save_file(out, sys.argv[2])
+    copy_tensors(sys.argv[2], sys.argv[3:])
 else:
     config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
     run_merge(config, sys.argv[2], options=MergeOptions(quiet=True))
