@@ -33,8 +33,9 @@ def ensure_model() -> Path:
     return MODEL
 
 
-def perturbed_copy(src: Path, dst: Path, scale: float = 1e-3, seed: int = 0) -> Path:
-    """A stand-in 'aligned' checkpoint: the base plus small noise in every tensor."""
+def perturbed_copy(src: Path, dst: Path, scale: float = 1e-3, seed: int = 0, top_layers: int = 0) -> Path:
+    """A stand-in 'aligned' checkpoint: the base plus small noise in every tensor, or with
+    ``top_layers`` only in the top layers and the final norm (what the CPU preset trains)."""
     import shutil
 
     import torch
@@ -45,7 +46,10 @@ def perturbed_copy(src: Path, dst: Path, scale: float = 1e-3, seed: int = 0) -> 
     shutil.copytree(src, dst, dirs_exist_ok=True)
     sd = load_file(str(src / "model.safetensors"))
     g = torch.Generator().manual_seed(seed)
-    sd = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    n = max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")) + 1
+    top = tuple(f"model.layers.{i}." for i in range(n - top_layers, n)) + ("model.norm.",)
+    sd = {k: v + scale * torch.randn(v.shape, generator=g) if not top_layers or k.startswith(top) else v
+          for k, v in sd.items()}
     save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
 
