@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, ensure_model  # noqa: E402
 
 
-def _mm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """This machine's best float32 GFLOP/s for an (m×k)·(k×n) matmul."""
+def _mm_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
+    """This machine's best float32 GFLOP/s for an (m×k)·(k×n) matmul (best of many: the rate moves
+    with other load on these machines, and a floor wants the fastest)."""
     import torch
 
     a, b = torch.randn(m, k), torch.randn(k, n)
@@ -35,8 +36,8 @@ def _mm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
 def flop_floor(model_dir: Path, domain: str, records: int, trainable_layers: int = 4) -> dict:
     """A lower bound on one domain's DPO time on this machine: the matmul FLOPs that exact
     top-k DPO cannot skip, at the best matmul rate measured here. Counted as if every
-    context and every distinct response ran once through the frozen trunk and once per epoch
-    through the top layers (forward + backward), the LM head on response positions only
+    context and every distinct response ran once through the frozen trunk, once through the top
+    layers for the reference and once per epoch forward + backward, the LM head on response positions only
     (forward + the gradient to its input), attention scores ignored: a floor, not a model
     of any implementation."""
     import torch
@@ -56,7 +57,9 @@ def flop_floor(model_dir: Path, domain: str, records: int, trainable_layers: int
     k = trainable_layers
     flops = {  # per record
         "trunk": 2 * layer * (n_layers - k) * (ctx + resp),
-        "top layers (reference + train)": (2 + 6) * layer * k * (ctx + resp),
+        # forward for the reference, forward + backward (weights and inputs) per epoch; the lowest
+        # trained layer needs no gradient for its input
+        "top layers (reference + train)": ((2 + 6) * k - 2) * layer * (ctx + resp),
         "LM head (reference + train)": (2 + 4) * head * resp,
     }
     rate_layer = _mm_rate(2048, hidden, model.config.intermediate_size)
