@@ -48,7 +48,9 @@ def main():
 
     data = work / "medical.jsonl"
     write_jsonl(load_records(ROOT / "data", "medical", "test")[: args.queries], data)
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    from meav_merge.coefficients import parse_lambdas
+
+    lambdas = parse_lambdas(args.lambdas, "--lambdas")  # finite numbers or a one-line error
     on_disk = [lambdas[round(i * (len(lambdas) - 1) / max(1, args.disk_points - 1))] for i in range(args.disk_points)]
 
     from meav_merge.evaluation.sweep import ReweightableModel, sweep
