@@ -25,13 +25,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, ensure_model, perturbed_copy  # noqa: E402
 
+from meav_merge.vectors.calibration import DEFAULT_LAMBDAS  # noqa: E402
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vector")
     ap.add_argument("--queries", type=int, default=8)
-    ap.add_argument("--lambdas", default="-4,-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4",
-                    help="the in-memory sweep's grid (default: meav sweep's)")
+    ap.add_argument("--lambdas", default=",".join(f"{x:g}" for x in DEFAULT_LAMBDAS),
+                    help="the in-memory sweep's grid (default: meav sweep's, the calibration grid)")
     ap.add_argument("--disk-points", type=int, default=3, help="points of that grid timed by merge + reload + lm-eval")
     args = ap.parse_args()
     model = ensure_model()

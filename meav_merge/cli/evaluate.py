@@ -7,6 +7,7 @@ import json
 from meav_merge.cli.options import (add_data, add_model, add_output, add_vectors, named_number_arg, named_numbers,
                                     named_vectors, one_vector)
 from meav_merge.coefficients import lambdas_arg, number_arg, parse_lambdas
+from meav_merge.vectors.calibration import DEFAULT_LAMBDAS
 
 
 def _cmd_sweep(args) -> None:
@@ -113,7 +114,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("sweep", help="preference accuracy across λ, re-weighting the model in memory")
     # the calibration grid: CPU-preset vectors reach expert near +1..+2 and avoidance near −1..−4,
     # which the old default (−1.5..1.0) missed, and 13 points cost half of its 26
-    _add_common(p, "-4,-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4")
+    _add_common(p, ",".join(f"{x:g}" for x in DEFAULT_LAMBDAS))
     add_vectors(p, help="NAME=DIR, the name being the domain scored; several vectors sweep their weighted sum "
                         "(repeat the flag or comma-separate)")
     p.add_argument("--weight", action="append", metavar="NAME=W", type=named_number_arg("--weight"),
