@@ -2,7 +2,7 @@
 head) vs plain trl training of the same top layers, side by side in one run.
 
 Prints seconds for set-up (tokenizing + reference log-probs), seconds per DPO step and
-the whole domain, and first a FLOP floor: the least time exact top-4-layer DPO on
+the whole domain, and first a FLOP floor: the least time exact DPO of the CPU preset's top layers on
 --floor-records records could take at this machine's measured matmul rate (``--floor-only``
 prints just that, in under a minute). The plain-trl run is cut at --plain-steps steps (its set-up still
 covers the whole dataset). Usage: .venv/bin/python bench/train.py [--domain medical]
@@ -33,7 +33,7 @@ def _mm_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
     return 2 * m * k * n / best / 1e9
 
 
-def flop_floor(model_dir: Path, domain: str, records: int, trainable_layers: int = 4) -> dict:
+def flop_floor(model_dir: Path, domain: str, records: int) -> dict:
     """A lower bound on one domain's DPO time on this machine: the matmul FLOPs that exact
     top-k DPO cannot skip, at the best matmul rate measured here. Counted as if every
     context and every distinct response ran once through the frozen trunk, once through the top
@@ -45,16 +45,18 @@ def flop_floor(model_dir: Path, domain: str, records: int, trainable_layers: int
 
     from meav_merge.data.schema import load_records
     from meav_merge.training.composed import _queries
+    from meav_merge.training.dpo import MeavTrainConfig
 
+    preset = MeavTrainConfig()  # the default CPU preset: which layers train, where rows are cut
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     n_layers, head = model.config.num_hidden_layers, model.lm_head.weight.numel()
     hidden = model.config.hidden_size
-    queries = _queries(tok, load_records(ROOT / "data", domain, "train"), 256)
+    queries = _queries(tok, load_records(ROOT / "data", domain, "train"), preset.max_length)
     ctx = sum(len(q.context) for q in queries) / len(queries)
     resp = sum(len(r) - s for q in queries for r, s in zip(q.rows, q.starts)) / len(queries)
-    k = trainable_layers
+    k = preset.trainable_layers
     flops = {  # per record
         "trunk": 2 * layer * (n_layers - k) * (ctx + resp),
         # forward for the reference, forward + backward (weights and inputs) per epoch; the lowest
@@ -65,7 +67,7 @@ def flop_floor(model_dir: Path, domain: str, records: int, trainable_layers: int
     rate_layer = _mm_rate(2048, hidden, model.config.intermediate_size)
     rate_head = _mm_rate(1024, hidden, model.lm_head.weight.shape[0])
     seconds = {n: f * records / 1e9 / (rate_head if n.startswith("LM") else rate_layer) for n, f in flops.items()}
-    return {"records": records, "tokens_per_record": {"context": round(ctx, 1), "responses": round(resp, 1)},
+    return {"records": records, "trainable_layers": k, "tokens_per_record": {"context": round(ctx, 1), "responses": round(resp, 1)},
             "gflop_per_s": {"layer": round(rate_layer, 1), "lm_head": round(rate_head, 1)},
             "seconds": {n: round(s, 1) for n, s in seconds.items()}, "floor_seconds": round(sum(seconds.values()), 1)}
 
@@ -77,15 +79,16 @@ def main():
     ap.add_argument("--floor-records", type=int, default=400, help="records per domain for the FLOP floor (issue 18's goal: 400)")
     ap.add_argument("--floor-only", action="store_true", help="print the FLOP floor and skip the two trainings")
     args = ap.parse_args()
-    floor = flop_floor(ensure_model(), args.domain, args.floor_records)
-    print(f"FLOP floor, {args.domain}, {floor['records']} records, 1 epoch, top 4 layers: {floor['floor_seconds']:.0f} s "
+    model = ensure_model()
+    floor = flop_floor(model, args.domain, args.floor_records)
+    print(f"FLOP floor, {args.domain}, {floor['records']} records, 1 epoch, top {floor['trainable_layers']} layers: "
+          f"{floor['floor_seconds']:.0f} s "
           f"at the measured {floor['gflop_per_s']} GFLOP/s; {json.dumps(floor['seconds'])}; "
           f"tokens per record {floor['tokens_per_record']}")
     if args.floor_only:
         return
     from meav_merge.training.dpo import MeavTrainConfig, train_vector
 
-    model = ensure_model()
     work = Path(tempfile.mkdtemp(prefix="meav-bench-train-"))
     t = time.perf_counter()
     out = train_vector(model, ROOT / "data", work / "fast", domain=args.domain, config=MeavTrainConfig())
