@@ -36,7 +36,10 @@ def test_every_train_config_field_is_a_train_flag_with_its_help():
         assert by_dest[name].help.startswith(field.metadata["help"]), name
 
 
-def test_train_flags_become_the_config():
+def test_train_flags_become_the_config(monkeypatch):
+    # the default --base must exist to parse; that check is tests/test_fail_fast.py's, and this test
+    # must not depend on another test having materialized models/ first
+    monkeypatch.setattr("meav_merge.cli.options._local_dir", lambda path: True)
     args = build_parser().parse_args(["train", "--domain", "medical", "--out", "x", "--lr", "3e-4",
                                       "--trainable-layers", "all", "--epochs", "2", "--no-frozen-trunk",
                                       "--retain-records", "20", "--precision", "fp32"])
