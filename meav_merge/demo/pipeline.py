@@ -20,6 +20,7 @@ recorded the same way in ``runs/evaluations/<hash>/``, so they outlive ``--out``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -159,23 +160,42 @@ def _fingerprint_vector(path: Path) -> str:
     return file_sha256([meta]).removeprefix("sha256:")[:16] if meta.is_file() else "missing"
 
 
+def _trained_with(vector: Path, config) -> bool:
+    """Whether ``vector`` exists and its recorded training configuration is ``config``: a run
+    folder left by another configuration (an older default, a hand-run ``meav train``) is
+    retrained rather than silently reused."""
+    meta = vector / "meav_vector.json"
+    if not meta.is_file():
+        return False
+    recorded = json.loads(meta.read_text()).get("training") or {}
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples → lists, as recorded
+    differ = sorted(k for k, v in wanted.items() if recorded.get(k) != v)
+    if differ:
+        log.info("[demo] %s was trained with other settings (%s): training it again", vector, ", ".join(differ))
+    return not differ
+
+
 def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
-    """One DPO-trained vector per domain (kept in ``cfg.runs``; an existing one is reused)."""
+    """One DPO-trained vector per domain (kept in ``cfg.runs``; an existing one trained with the
+    same configuration is reused)."""
+    from meav_merge.training.dpo import MeavTrainConfig
+
+    config = MeavTrainConfig(train_records=cfg.train_records)
     for domain in cfg.dpo_domains:
         run_dir = cfg.runs / domain
 
         def train(domain=domain, run_dir=run_dir):
-            from meav_merge.training.dpo import MeavTrainConfig, train_vector
+            from meav_merge.training.dpo import train_vector
 
-            trained = not (run_dir / "vector" / "meav_vector.json").is_file()
+            trained = not _trained_with(run_dir / "vector", config)
             if trained:
                 train_vector(cfg.model_dir, cfg.data, run_dir, domain=domain, force=run_dir.exists(),
-                             config=MeavTrainConfig(train_records=cfg.train_records))
+                             config=config)
             return {"vector": str(run_dir / "vector"), "fingerprint": _fingerprint_vector(run_dir / "vector"),
                     "trained": trained}
 
         pipe.run(f"train_{domain}", train, {"domain": domain, "data": _data_hash(cfg.data, domain),
-                                            "train_records": cfg.train_records},
+                                            "config": dataclasses.asdict(config)},
                  [run_dir / "vector" / "meav_vector.json"],
                  f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
@@ -189,20 +209,18 @@ def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
     run_dir = cfg.runs / "composed"
     domains = COMPOSED_DOMAINS
 
+    config = ComposedTrainConfig(steps=cfg.composed_steps, train_records=cfg.composed_records,
+                                 learning_rate=cfg.composed_lr)
+
     def train():
         from meav_merge.training.composed import train_composed
 
-        done = all((run_dir / "vectors" / d / "meav_vector.json").is_file() for d in domains)
-        if not done:
-            train_composed(cfg.model_dir, cfg.data, run_dir, domains,
-                           ComposedTrainConfig(steps=cfg.composed_steps, train_records=cfg.composed_records,
-                                               learning_rate=cfg.composed_lr),
-                           force=run_dir.exists())
+        if not all(_trained_with(run_dir / "vectors" / d, config) for d in domains):
+            train_composed(cfg.model_dir, cfg.data, run_dir, domains, config, force=run_dir.exists())
         return {d: _fingerprint_vector(run_dir / "vectors" / d) for d in domains}
 
     pipe.run("train_composed", train, {"data": {d: _data_hash(cfg.data, d) for d in domains},
-                                       "steps": cfg.composed_steps, "records": cfg.composed_records,
-                                       "lr": cfg.composed_lr},
+                                       "config": dataclasses.asdict(config)},
              [run_dir / "vectors" / d / "meav_vector.json" for d in domains],
              f"`meav train-composed --domains {','.join(domains)} --steps {cfg.composed_steps} --lr {cfg.composed_lr:g}"
              + (f" --train-records {cfg.composed_records}" if cfg.composed_records else "")
