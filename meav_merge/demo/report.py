@@ -14,6 +14,7 @@ from meav_merge.io.rows import write_rows_csv
 from meav_merge.evaluation.scoring import dominant
 from meav_merge.evaluation.sweep import ReweightableModel, format_table, sweep, write_sweep
 from meav_merge.vectors.alignment_vector import AlignmentVector
+from meav_merge.training.composed import ComposedTrainConfig
 
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,9 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
         "",
         f"Recipe `{cfg.recipe}` merged with plain `mergekit-yaml` into `{cfg.out / 'insurance'}` and scored with "
         "plain `lm_eval --tasks meav_pref`. Its vectors are the composed ones in "
-        f"`{cfg.runs / 'composed'}` (`meav train-composed`; unless they exist, the demo trains them for "
-        f"{cfg.composed_steps} steps at learning rate {cfg.composed_lr:g}"
+        f"`{cfg.runs / 'composed'}` (`meav train-composed`; unless vectors trained with these settings exist, "
+        f"the demo trains them for {cfg.composed_steps} steps at learning rate {cfg.composed_lr:g}, "
+        f"fluency weight {ComposedTrainConfig.fluency_weight:g}"
         + (f" on the first {cfg.composed_records} train records per domain" if cfg.composed_records else "")
         + "):",
         "",
