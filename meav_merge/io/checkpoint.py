@@ -249,14 +249,26 @@ def _sigterm_cleans_up() -> Iterator[None]:
         yield
         return
 
+    received = []
+
     def terminate(signum, frame):
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
     try:
         yield
+    except BaseException as e:
+        # raised inside a C extension's callback (torch building a tensor from a sequence), our
+        # SystemExit comes back as that extension's own error ("could not determine the shape ..."):
+        # exit as terminated, not as a failed merge
+        if received and not isinstance(e, SystemExit):
+            raise SystemExit(128 + received[0]) from e
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if received:  # swallowed altogether: still do not publish a run that was told to stop
+        raise SystemExit(128 + received[0])
 
 
 def _umask() -> int:
