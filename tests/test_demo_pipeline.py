@@ -78,7 +78,6 @@ def test_demo_evaluations_share_one_model_and_match_single_vector_runs(tiny_dirs
 
 def test_a_vector_trained_with_other_settings_is_not_reused(tmp_path):
     # `make demo` once reused any finished runs/composed, so a changed default never reached it
-    import dataclasses
     import json
 
     from meav_merge.demo.pipeline import _trained_with
@@ -87,7 +86,7 @@ def test_a_vector_trained_with_other_settings_is_not_reused(tmp_path):
     vector = tmp_path / "vector"
     assert not _trained_with(vector, ComposedTrainConfig())  # nothing there: train
     vector.mkdir()
-    recorded = json.loads(json.dumps(dataclasses.asdict(ComposedTrainConfig())))
+    recorded = json.loads(json.dumps(ComposedTrainConfig().to_dict()))
     (vector / "meav_vector.json").write_text(json.dumps({"training": {**recorded, "log": []}}))
     assert _trained_with(vector, ComposedTrainConfig())
     assert not _trained_with(vector, ComposedTrainConfig(fluency_weight=0.5))

@@ -20,7 +20,6 @@ recorded the same way in ``runs/evaluations/<hash>/``, so they outlive ``--out``
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -168,7 +167,7 @@ def _trained_with(vector: Path, config) -> bool:
     if not meta.is_file():
         return False
     recorded = json.loads(meta.read_text()).get("training") or {}
-    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples → lists, as recorded
+    wanted = json.loads(json.dumps(config.to_dict()))  # what the trainers record; tuples → lists
     differ = sorted(k for k, v in wanted.items() if recorded.get(k) != v)
     if differ:
         log.info("[demo] %s was trained with other settings (%s): training it again", vector, ", ".join(differ))
@@ -195,7 +194,7 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
                     "trained": trained}
 
         pipe.run(f"train_{domain}", train, {"domain": domain, "data": _data_hash(cfg.data, domain),
-                                            "config": dataclasses.asdict(config)},
+                                            "config": config.to_dict()},
                  [run_dir / "vector" / "meav_vector.json"],
                  f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
@@ -220,7 +219,7 @@ def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
         return {d: _fingerprint_vector(run_dir / "vectors" / d) for d in domains}
 
     pipe.run("train_composed", train, {"data": {d: _data_hash(cfg.data, d) for d in domains},
-                                       "config": dataclasses.asdict(config)},
+                                       "config": config.to_dict()},
              [run_dir / "vectors" / d / "meav_vector.json" for d in domains],
              f"`meav train-composed --domains {','.join(domains)} --steps {cfg.composed_steps} --lr {cfg.composed_lr:g}"
              + (f" --train-records {cfg.composed_records}" if cfg.composed_records else "")
