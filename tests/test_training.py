@@ -1,6 +1,7 @@
 """DPO training of alignment vectors on a tiny random model (trl DPOTrainer, IPO loss)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,8 @@ def test_train_writes_vector_with_metadata(tiny_dirs, data_dir, tmp_path):
     meta = json.loads((out / "vector" / "meav_vector.json").read_text())
     assert meta["domain"] == "medical"
     assert meta["preference"] == "expert > generic > avoidance"
+    # the published folder, not the temp one the vector was extracted in
+    assert Path(meta["aligned"]) == tmp_path / "run" / "aligned"
     t = meta["training"]
     assert t["loss_type"] == "ipo" and t["beta"] == 0.1 and t["trainer"] == "trl.DPOTrainer"
     assert t["data"]["train_records"] == 4 and t["data"]["train_pairs"] == 8 and t["data"]["validation_pairs"] == 2
@@ -93,6 +96,7 @@ def test_preference_vector_mode(tiny_dirs, data_dir, tmp_path):
     assert pv[n].abs().max() > 0
     meta = json.loads((out / "preference_vector" / "meav_vector.json").read_text())
     assert meta["kind"] == "preference_vector"
+    assert (Path(meta["aligned"]), Path(meta["minus"])) == (tmp_path / "pv" / "aligned", tmp_path / "pv" / "minus")
 
 
 def test_joint_training_and_errors(tiny_dirs, data_dir, tmp_path):

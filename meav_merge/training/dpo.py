@@ -401,11 +401,14 @@ def _write_run(out: Path, work: Path, base, provenance: dict, metrics: dict, pre
 
     with atomic_output_dir(out, force=force) as tmp:
         shutil.move(str(work / "aligned"), str(tmp / "aligned"))
+        # the provenance names where the models will live, not the temp folder they are read from
+        provenance = {**provenance, "aligned": str(out / "aligned")}
         extract_vector(tmp / "aligned", base, tmp / "vector", meta=provenance)
         if preference_vector:
             shutil.move(str(work / "minus"), str(tmp / "minus"))
             extract_vector(tmp / "aligned", base, tmp / "preference_vector", minus=tmp / "minus",
-                           meta={**provenance, "preference": provenance["preference"] + " (θ+ − θ−)"})
+                           meta={**provenance, "minus": str(out / "minus"),
+                                 "preference": provenance["preference"] + " (θ+ − θ−)"})
         (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     shutil.rmtree(work, ignore_errors=True)
 
