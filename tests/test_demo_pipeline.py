@@ -91,3 +91,24 @@ def test_a_vector_trained_with_other_settings_is_not_reused(tmp_path):
     assert _trained_with(vector, ComposedTrainConfig())
     assert not _trained_with(vector, ComposedTrainConfig(fluency_weight=0.5))
     assert not _trained_with(vector, ComposedTrainConfig(steps=10))
+
+
+def test_medical_trains_with_the_rpo_anchor_and_safety_without(tmp_path):
+    # medical_expert.yaml's λ = +1 was looping / emitting emoji without the anchor (issue 19)
+    import pytest
+
+    from meav_merge.demo.pipeline import DemoConfig, Pipeline, _train_steps
+
+    class Recording(Pipeline):
+        def run(self, name, fn, inputs, outputs, hint):
+            self.state[name] = {"inputs": inputs, "hint": hint}
+            return {}
+
+    pipe = Recording(tmp_path / "state.json")
+    _train_steps(pipe, DemoConfig(runs=tmp_path))
+    assert pipe.state["train_medical"]["inputs"]["config"]["sft_weight"] == 1.0
+    assert "--sft-weight 1" in pipe.state["train_medical"]["hint"]
+    assert pipe.state["train_safety"]["inputs"]["config"]["sft_weight"] == 0.0
+    assert "--sft-weight" not in pipe.state["train_safety"]["hint"]
+    with pytest.raises(ValueError, match="--rpo-domains"):
+        DemoConfig(rpo_domains=("legal",))

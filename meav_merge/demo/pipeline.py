@@ -1,7 +1,7 @@
 """``meav demo``: the main job, end to end on the embedded SmolLM2-135M-Instruct.
 
-base model → DPO-trained vectors, one domain at a time (medical and safety: what the
-single-domain recipes, the transfer recipe and AWOT's anchors use) → composed vectors for
+base model → DPO-trained vectors, one domain at a time (medical, with the RPO anchor, and
+safety: what the single-domain recipes, the transfer recipe and AWOT's anchors use) → composed vectors for
 medical, financial and legal (``meav train-composed`` with its defaults: what the insurance
 recipe merges) → plain ``mergekit-yaml yaml_recipes/insurance.yaml`` → plain
 ``lm_eval --tasks meav_pref`` on the merged model → λ sweeps, out-of-domain table and
@@ -77,6 +77,12 @@ class DemoConfig:
     # transfer recipe and AWOT's anchors. Financial and legal add ~13 min (module docstring).
     dpo_domains: Tuple[str, ...] = _opt(("medical", "safety"), "domains trained one at a time with DPO "
                                         "(`meav train`), swept and calibrated; comma list, must include medical")
+    # medical_expert.yaml's λ = +1 loops or emits emoji without the anchor; with it the same λ is
+    # expert on test and distinct-2 0.99 (docs/results/fluency_kl/). Safety keeps plain DPO: the
+    # transfer recipes' λ were chosen on that vector.
+    rpo_domains: Tuple[str, ...] = _opt(("medical",), "of those, the domains trained with the RPO anchor "
+                                        "(`meav train --sft-weight 1`: an NLL term on the chosen answers, "
+                                        "which keeps the text fluent); comma list, may be empty")
     # The grown data (~400 per domain) would more than double training time and push a
     # from-nothing run past 45 minutes; the full-data vectors come from `meav train`.
     train_records: int = _opt(124, "train records per domain of each DPO vector (the first by id hash)",
@@ -103,6 +109,10 @@ class DemoConfig:
         self.lambdas = tuple(self.lambdas)
         self.calibration_lambdas = tuple(self.calibration_lambdas)
         self.dpo_domains = tuple(self.dpo_domains)
+        self.rpo_domains = tuple(d for d in self.rpo_domains if d)
+        if not set(self.rpo_domains) <= set(self.dpo_domains):
+            raise ValueError(f"--rpo-domains: give domains of --dpo-domains ({','.join(self.dpo_domains)}); "
+                             f"got {','.join(self.rpo_domains)}")
         unknown = [d for d in self.dpo_domains if d not in DOMAINS]
         if unknown or "medical" not in self.dpo_domains or len(set(self.dpo_domains)) != len(self.dpo_domains):
             raise ValueError(f"--dpo-domains: give distinct domains of {', '.join(DOMAINS)}, medical among them "
@@ -179,11 +189,12 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
     same configuration is reused)."""
     from meav_merge.training.dpo import MeavTrainConfig
 
-    config = MeavTrainConfig(train_records=cfg.train_records)
     for domain in cfg.dpo_domains:
         run_dir = cfg.runs / domain
+        config = MeavTrainConfig(train_records=cfg.train_records,
+                                 sft_weight=1.0 if domain in cfg.rpo_domains else 0.0)
 
-        def train(domain=domain, run_dir=run_dir):
+        def train(domain=domain, run_dir=run_dir, config=config):
             from meav_merge.training.dpo import train_vector
 
             trained = not _trained_with(run_dir / "vector", config)
@@ -196,7 +207,8 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
         pipe.run(f"train_{domain}", train, {"domain": domain, "data": _data_hash(cfg.data, domain),
                                             "config": config.to_dict()},
                  [run_dir / "vector" / "meav_vector.json"],
-                 f"See the trl log above; `meav train --domain {domain} --out {run_dir}` reproduces it alone "
+                 f"See the trl log above; `meav train --domain {domain} --train-records {cfg.train_records}"
+                 + (" --sft-weight 1" if config.sft_weight else "") + f" --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
     return {d: cfg.runs / d / "vector" for d in cfg.dpo_domains}
 
@@ -214,9 +226,11 @@ def _composed_step(pipe: Pipeline, cfg: DemoConfig) -> Path:
     def train():
         from meav_merge.training.composed import train_composed
 
-        if not all(_trained_with(run_dir / "vectors" / d, config) for d in domains):
+        trained = not all(_trained_with(run_dir / "vectors" / d, config) for d in domains)
+        if trained:
             train_composed(cfg.model_dir, cfg.data, run_dir, domains, config, force=run_dir.exists())
-        return {d: _fingerprint_vector(run_dir / "vectors" / d) for d in domains}
+        return {"fingerprints": {d: _fingerprint_vector(run_dir / "vectors" / d) for d in domains},
+                "trained": trained}
 
     pipe.run("train_composed", train, {"data": {d: _data_hash(cfg.data, d) for d in domains},
                                        "config": config.to_dict()},
@@ -343,7 +357,7 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> Path:
     _calibrate_steps(pipe, cfg)
     _composed_step(pipe, cfg)
     vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
-    merged_key = {**vec_key, "composed": pipe.state["train_composed"]["result"]}
+    merged_key = {**vec_key, "composed": pipe.state["train_composed"]["result"]["fingerprints"]}
     merged = _merge_step(pipe, cfg, merged_key)
     lm = _lm_eval_step(pipe, cfg, merged)
     sweeps, ood, t1, epipe = _evaluation_steps(cfg, vectors, vec_key, report)

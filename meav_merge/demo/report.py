@@ -129,7 +129,10 @@ def write_report(cfg, report: Path, lm: dict, sweeps_: dict, ood_: dict, t1: dic
             lines.append(f"| {task} | {m.get('n') or '–'} | {fr['expert']:.2f} | {fr['generic']:.2f} | "
                          f"{fr['avoidance']:.2f} | {level} | {target}{mark} |")
     lines += ["", "## λ sweeps (paper Figure 2)", "",
-              "The vectors trained one domain at a time (`meav train`), each over the base model.", ""]
+              "The vectors trained one domain at a time (`meav train`, "
+              f"{cfg.train_records} train records per domain"
+              + (f"; {', '.join(cfg.rpo_domains)} with the RPO anchor, `--sft-weight 1`" if cfg.rpo_domains else "")
+              + "), each over the base model.", ""]
     for domain, s in sweeps_.items():
         ranges = ", ".join(f"{r['level']} for λ ∈ [{r['from']:+.1f}, {r['to']:+.1f}]" for r in s["ranges"]) or "none"
         lines += [f"### {domain}", "", f"![{domain} sweep](sweep_{domain}.png)", "", f"Dominant: {ranges}.", ""]
