@@ -109,14 +109,14 @@ class DemoConfig:
         self.lambdas = tuple(self.lambdas)
         self.calibration_lambdas = tuple(self.calibration_lambdas)
         self.dpo_domains = tuple(self.dpo_domains)
-        self.rpo_domains = tuple(d for d in self.rpo_domains if d)
-        if not set(self.rpo_domains) <= set(self.dpo_domains):
-            raise ValueError(f"--rpo-domains: give domains of --dpo-domains ({','.join(self.dpo_domains)}); "
-                             f"got {','.join(self.rpo_domains)}")
         unknown = [d for d in self.dpo_domains if d not in DOMAINS]
         if unknown or "medical" not in self.dpo_domains or len(set(self.dpo_domains)) != len(self.dpo_domains):
             raise ValueError(f"--dpo-domains: give distinct domains of {', '.join(DOMAINS)}, medical among them "
                              f"(the out-of-domain table and Table 1 use it); got {','.join(self.dpo_domains)}")
+        self.rpo_domains = tuple(d for d in self.rpo_domains if d)
+        if not set(self.rpo_domains) <= set(self.dpo_domains):
+            raise ValueError(f"--rpo-domains: give domains of --dpo-domains ({','.join(self.dpo_domains)}); "
+                             f"got {','.join(self.rpo_domains)}")
 
 
 class Pipeline:
@@ -357,7 +357,9 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> Path:
     _calibrate_steps(pipe, cfg)
     _composed_step(pipe, cfg)
     vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
-    merged_key = {**vec_key, "composed": pipe.state["train_composed"]["result"]["fingerprints"]}
+    composed = pipe.state["train_composed"]["result"]
+    # a demo_state.json from before the step reported "trained" holds the fingerprints alone
+    merged_key = {**vec_key, "composed": composed.get("fingerprints", composed)}
     merged = _merge_step(pipe, cfg, merged_key)
     lm = _lm_eval_step(pipe, cfg, merged)
     sweeps, ood, t1, epipe = _evaluation_steps(cfg, vectors, vec_key, report)
