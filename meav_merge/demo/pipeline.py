@@ -208,7 +208,7 @@ def _train_steps(pipe: Pipeline, cfg: DemoConfig) -> Dict[str, Path]:
                                             "config": config.to_dict()},
                  [run_dir / "vector" / "meav_vector.json"],
                  f"See the trl log above; `meav train --domain {domain} --train-records {cfg.train_records}"
-                 + (" --sft-weight 1" if config.sft_weight else "") + f" --out {run_dir}` reproduces it alone "
+                 + (f" --sft-weight {config.sft_weight:g}" if config.sft_weight else "") + f" --out {run_dir}` reproduces it alone "
                  f"(an interrupted run resumes from {run_dir}.partial/).")
     return {d: cfg.runs / d / "vector" for d in cfg.dpo_domains}
 
