@@ -129,23 +129,38 @@ def test_fluency_kl_is_the_kl_of_the_coarsened_distributions(tiny_tokenizer):
     moved = {n: w + 0.2 * torch.randn_like(w) for n, w in base.items()}
     got = fluency_kl(response_logprobs(head, moved, queries), queries)
 
-    def positions(weights):
+    def positions(weights, only=None):
+        """Every FLUENCY_STRIDE-th position of each query's rows laid end to end; with ``only``, the
+        kept positions that lie in row ``only[i]`` of query i."""
         out = []
-        for q in queries:
+        for i, q in enumerate(queries):
             rows = [functional_call(model, weights, (torch.tensor([r]),)).logits[0, s - 1: len(r) - 1]
                     for r, s in zip(q.rows, q.starts)]
-            out.append(F.log_softmax(torch.cat(rows), -1)[::FLUENCY_STRIDE])
+            row_of = torch.cat([torch.full((len(x),), j) for j, x in enumerate(rows)])[::FLUENCY_STRIDE]
+            kept = F.log_softmax(torch.cat(rows), -1)[::FLUENCY_STRIDE]
+            out.append(kept if only is None else kept[row_of == only[i]])
         return torch.cat(out)
 
+    def kl(ref, new):
+        ids = ref.topk(4, -1).indices
+        p, q = ref.gather(1, ids).exp(), new.gather(1, ids).exp()
+        p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
+        return ((p * (p.log() - q.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).mean()
+
+    moved_full = {_full_name(n, 3, 2): w for n, w in moved.items()}
     with torch.no_grad():
-        ref = positions({})
-        new = positions({_full_name(n, 3, 2): w for n, w in moved.items()})
-    ids = ref.topk(4, -1).indices
-    p, q = ref.gather(1, ids).exp(), new.gather(1, ids).exp()
-    p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
-    want = ((p * (p.log() - q.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).mean()
+        want = kl(positions({}), positions(moved_full))
     assert float(got) > 1e-3
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-6), (float(got), float(want))
+    # fluency_rows="target": the same KL over the target row's positions alone
+    only = [0, 2, 1]
+    got_rows = fluency_kl(response_logprobs(head, moved, queries), queries, only)
+    with torch.no_grad():
+        want_rows = kl(positions({}, only), positions(moved_full, only))
+    # a random tiny model drifts alike on every row, so the all-rows value is near (0.6% here): the
+    # target-row value must be far nearer the hand-written subset than that
+    err, gap = abs(float(got_rows - want_rows)), abs(float(got - want_rows))
+    assert err < 0.05 * gap, (float(got_rows), float(want_rows), float(got))
 
 
 def test_fluency_weight_keeps_the_steered_model_near_the_base(tiny_dirs, composed_data, tmp_path):

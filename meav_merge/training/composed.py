@@ -92,6 +92,12 @@ class ComposedTrainConfig:
         "weight of the KL divergence from the base model's next-token distribution on the responses "
         "(0: off); keeps summed vectors from drifting greedy text into loops, at a cost in level control "
         "(docs/results/fluency_kl/)", minimum=0))
+    # "target": the KL only along the response the step's λ asks for. On the other two rows the level
+    # loss lowers the data's tokens and the KL holds them up, so "all" spends the term fighting the
+    # level loss on two rows of three (docs/results/fluency_kl/, "The term on the target row only").
+    fluency_rows: str = field(default="all", metadata=_help(
+        "responses the fluency KL looks at: all three levels', or only the target level's",
+        choices=("all", "target")))
     fluency_top_k: int = field(default=16, metadata=_help(
         "base-model tokens kept per position for that KL; the rest share one bin", positive=True))
     max_length: int = field(default=256, metadata=_help("longest prompt + response in tokens", positive=True))
@@ -105,6 +111,8 @@ class ComposedTrainConfig:
         from meav_merge.coefficients import check_config_numbers
 
         check_config_numbers(self)
+        if self.fluency_rows not in ("all", "target"):
+            raise ValueError(f"fluency_rows: 'all' or 'target', got {self.fluency_rows!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,16 +238,30 @@ def _per_query(row_counts: List[int]) -> List[int]:
     return [sum(row_counts[i:i + k]) for i in range(0, len(row_counts), k)]
 
 
-def fluency_kl(logprobs, queries: Sequence[_Query]):
+def _row_span(row_counts: List[int], row: int) -> slice:
+    """The strided positions (every ``FLUENCY_STRIDE``-th of a query's rows laid end to end) that fall
+    in row ``row``: ``row_counts`` are one query's positions per row."""
+    start = sum(row_counts[:row])
+    ceil = lambda n: -(-n // FLUENCY_STRIDE)  # noqa: E731
+    return slice(ceil(start), ceil(start + row_counts[row]))
+
+
+def fluency_kl(logprobs, queries: Sequence[_Query], rows: Optional[Sequence[int]] = None):
     """Mean over response positions (every ``FLUENCY_STRIDE``-th) of KL(base ‖ model) between the
     top-k-plus-rest coarsenings of the two next-token distributions. ``logprobs``: ``response_logprobs``
-    of ``queries``, on which ``attach_reference`` has run."""
+    of ``queries``, on which ``attach_reference`` has run; ``rows``: per query, the one level row to
+    look at (default: all three)."""
     import torch
 
     logp, _, counts = logprobs
-    logp = torch.cat([lp[::FLUENCY_STRIDE] for lp in logp.split(_per_query(counts))])
-    ids = torch.cat([q.reference[0] for q in queries]).long()
-    ref = torch.cat([q.reference[1] for q in queries])
+    k = len(PROFICIENCY_LEVELS)
+    per_query = [lp[::FLUENCY_STRIDE] for lp in logp.split(_per_query(counts))]
+    ids = [q.reference[0] for q in queries]
+    ref = [q.reference[1] for q in queries]
+    if rows is not None:
+        spans = [_row_span(counts[i * k:(i + 1) * k], r) for i, r in enumerate(rows)]
+        per_query, ids, ref = ([x[s] for x, s in zip(xs, spans)] for xs in (per_query, ids, ref))
+    logp, ids, ref = torch.cat(per_query), torch.cat(ids).long(), torch.cat(ref)
     model = logp.gather(1, ids)
     # the rest bin: log(1 - Σ top-k p), clamped so a near-one top-k mass stays finite
     rest = lambda lp: torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))  # noqa: E731
@@ -310,7 +332,8 @@ def _optimize(head, queries: Dict[str, List[_Query]], draws: list, config: Compo
         logprobs = response_logprobs(head, _weights(base, center, vectors, lam), batch)
         loss, hits = composed_loss(level_means(logprobs), targets, config.sharpness, config.anchor_weight)
         if config.fluency_weight:
-            loss = loss + config.fluency_weight * fluency_kl(logprobs, batch)
+            rows = targets if config.fluency_rows == "target" else None
+            loss = loss + config.fluency_weight * fluency_kl(logprobs, batch, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
