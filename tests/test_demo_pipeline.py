@@ -91,6 +91,11 @@ def test_a_vector_trained_with_other_settings_is_not_reused(tmp_path):
     assert _trained_with(vector, ComposedTrainConfig())
     assert not _trained_with(vector, ComposedTrainConfig(fluency_weight=0.5))
     assert not _trained_with(vector, ComposedTrainConfig(steps=10))
+    # a record from before a field existed matches that field's default, and only the default
+    del recorded["fluency_rows"]
+    (vector / "meav_vector.json").write_text(json.dumps({"training": {**recorded, "log": []}}))
+    assert _trained_with(vector, ComposedTrainConfig())
+    assert not _trained_with(vector, ComposedTrainConfig(fluency_rows="target"))
 
 
 def test_medical_trains_with_the_rpo_anchor_and_safety_without(tmp_path):
@@ -112,3 +117,13 @@ def test_medical_trains_with_the_rpo_anchor_and_safety_without(tmp_path):
     assert "--sft-weight" not in pipe.state["train_safety"]["hint"]
     with pytest.raises(ValueError, match="--rpo-domains"):
         DemoConfig(rpo_domains=("legal",))
+
+
+def test_an_old_demo_state_still_keys_the_merge_on_the_composed_fingerprints():
+    # before the composed step reported "trained", its result was the fingerprints alone; a rerun
+    # of an old out/ must key the merge the same way, not on a missing "fingerprints" entry
+    from meav_merge.demo.pipeline import _composed_fingerprints
+
+    prints = {"medical": "ab12", "legal": "cd34"}
+    assert _composed_fingerprints({"fingerprints": prints, "trained": False}) == prints
+    assert _composed_fingerprints(prints) == prints

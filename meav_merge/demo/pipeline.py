@@ -178,7 +178,10 @@ def _trained_with(vector: Path, config) -> bool:
         return False
     recorded = json.loads(meta.read_text()).get("training") or {}
     wanted = json.loads(json.dumps(config.to_dict()))  # what the trainers record; tuples → lists
-    differ = sorted(k for k, v in wanted.items() if recorded.get(k) != v)
+    # a field added since the vector was trained is absent from its record; new fields default to
+    # the behaviour from before them, so absent counts as the default
+    default = json.loads(json.dumps(type(config)().to_dict()))
+    differ = sorted(k for k, v in wanted.items() if recorded.get(k, default[k]) != v)
     if differ:
         log.info("[demo] %s was trained with other settings (%s): training it again", vector, ", ".join(differ))
     return not differ
@@ -337,6 +340,12 @@ def _evaluation_steps(cfg: DemoConfig, vectors: Dict[str, Path], vec_key: dict, 
     return sweeps, ood, t1, epipe
 
 
+def _composed_fingerprints(result: dict) -> dict:
+    """The composed vectors' fingerprints from the composed step's result; a demo_state.json
+    written before that step also reported "trained" holds the fingerprints alone."""
+    return result["fingerprints"] if "trained" in result else result
+
+
 def run_demo(cfg: Optional[DemoConfig] = None) -> Path:
     cfg = cfg or DemoConfig()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -357,9 +366,7 @@ def run_demo(cfg: Optional[DemoConfig] = None) -> Path:
     _calibrate_steps(pipe, cfg)
     _composed_step(pipe, cfg)
     vec_key = {d: _fingerprint_vector(p) for d, p in vectors.items()}
-    composed = pipe.state["train_composed"]["result"]
-    # a demo_state.json from before the step reported "trained" holds the fingerprints alone
-    merged_key = {**vec_key, "composed": composed.get("fingerprints", composed)}
+    merged_key = {**vec_key, "composed": _composed_fingerprints(pipe.state["train_composed"]["result"])}
     merged = _merge_step(pipe, cfg, merged_key)
     lm = _lm_eval_step(pipe, cfg, merged)
     sweeps, ood, t1, epipe = _evaluation_steps(cfg, vectors, vec_key, report)
