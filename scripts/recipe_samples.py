@@ -9,7 +9,8 @@ base model answers the same queries for scale. Run from the repository root afte
     .venv/bin/python scripts/recipe_samples.py --out docs/results/recipe_samples
 
 Writes ``<out>/<recipe>/<domain>/{answers.jsonl,judged.json}``, ``summary.json`` and
-``samples.md`` (the README quotes it). A recipe whose inputs are missing is skipped with
+``samples.md`` (the README quotes it). ``--recipe-file FILE --domains a,b`` samples a recipe that is
+not shipped (named by the file's stem), e.g. one λ point of a study. A recipe whose inputs are missing is skipped with
 the reason, so a partial set of vectors still gives a partial report.
 """
 
@@ -78,7 +79,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=80)
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0: plain greedy decoding")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
+    ap.add_argument("--recipe-file", type=Path, help="sample this recipe file instead (needs --domains)")
+    ap.add_argument("--domains", help="comma-separated domains to judge --recipe-file's merge on")
     args = ap.parse_args()
+    if (args.recipe_file is None) != (args.domains is None):
+        ap.error("--recipe-file and --domains go together")
+    if args.recipe_file:
+        recipes = {args.recipe_file.stem: (args.recipe_file.resolve(), args.domains.split(","))}
+    else:
+        recipes = {name: (ROOT / "yaml_recipes" / f"{name}.yaml", RECIPES[name]) for name in args.recipes.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"n": args.n, "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty,
                "recipes": {}, "base": {}}
@@ -87,11 +96,10 @@ def main() -> None:
         old = json.loads(previous.read_text())
         if all(old.get(k) == summary[k] for k in ("n", "max_new_tokens", "repetition_penalty")):
             summary["recipes"], summary["base"] = old["recipes"], old["base"]
-    base_domains = sorted({d for r in args.recipes.split(",") for d in RECIPES[r]})
+    base_domains = sorted({d for _, domains in recipes.values() for d in domains})
     summary["base"].update({d: _judge(BASE, d, args.out / "base" / d, args) for d in base_domains
                             if d not in summary["base"]})
-    for name in args.recipes.split(","):
-        recipe = ROOT / "yaml_recipes" / f"{name}.yaml"
+    for name, (recipe, domains) in recipes.items():
         missing = _missing_inputs(recipe)
         if missing:
             summary["recipes"][name] = {"skipped": f"missing {', '.join(missing)}"}
@@ -102,8 +110,7 @@ def main() -> None:
             subprocess.run([str(BIN / "mergekit-yaml"), str(recipe), str(merged)], check=True, cwd=ROOT, env=ENV,
                            capture_output=True)
             result = {"card_lambdas": _resolved_lambdas(merged),
-                      "domains": {d: _judge(merged, d, args.out / name / d, args)
-                                  for d in RECIPES[name]}}
+                      "domains": {d: _judge(merged, d, args.out / name / d, args) for d in domains}}
         summary["recipes"][name] = result
         flu = {d: round(r["fluency"]["distinct_2"], 2) for d, r in result["domains"].items()}
         print(f"{name}: distinct-2 {flu}")

@@ -1,11 +1,12 @@
 #!/bin/bash
-# Insurance samples at one λ point: merge with plain mergekit-yaml, answer the first 3 test
-# queries per domain with `meav judge`, print distinct-2 and the judged levels.
+# Insurance samples at one λ point of a composed run: write the recipe, then scripts/recipe_samples.py
+# merges it with plain mergekit-yaml and answers the first 3 test queries per domain with `meav judge`
+# (distinct-2, base log-prob, judged levels). Every point under one OUT shares one samples.md.
 # usage (from the repository root): RP=1.1 OUT=/tmp/probe docs/results/fluency_kl/insurance_lambda_probe/probe.sh runs/composed MED FIN LEGAL
 set -euo pipefail
-RUN=$1; m=$2; f=$3; l=$4; tag=${RUN##*/}_${m}_${f}_${l}_rp${RP:-1.1}
-d=${OUT:-/tmp/insurance_probe}/$tag; mkdir -p "$d"
-cat > "$d/recipe.yaml" <<Y
+RUN=$1; m=$2; f=$3; l=$4; tag=${RUN##*/}_${m}_${f}_${l}
+out=${OUT:-/tmp/insurance_probe}_rp${RP:-1.1}; mkdir -p "$out/recipes"
+cat > "$out/recipes/$tag.yaml" <<Y
 merge_method: meav
 base_model: $RUN/centered
 models:
@@ -17,19 +18,5 @@ models:
     parameters: {lambda: $l}
 dtype: float32
 Y
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-rm -rf "$d/merged"
-.venv/bin/mergekit-yaml "$d/recipe.yaml" "$d/merged" >/dev/null 2>&1
-for dom in legal financial medical; do
-  .venv/bin/meav judge --model "$d/merged" --reference models/smollm2-135m-instruct --domain $dom --n 3 \
-    --max-new-tokens 80 --out "$d/$dom" --force --repetition-penalty "${RP:-1.1}" >/dev/null 2>&1
-done
-rm -rf "$d/merged"
-.venv/bin/python - "$d" "$tag" <<P
-import json, sys
-d, tag = sys.argv[1:]
-print(tag, "; ".join(
-    f"{dom} distinct-2 {j['fluency']['distinct_2']:.2f} log-prob {j['fluency']['reference_logprob']:.2f} "
-    f"E/G/A {j.get('expert', 0):.2f}/{j.get('generic', 0):.2f}/{j.get('avoidance', 0):.2f}"
-    for dom in ("legal", "financial", "medical") for j in [json.load(open(f"{d}/{dom}/judged.json"))]))
-P
+.venv/bin/python scripts/recipe_samples.py --recipe-file "$out/recipes/$tag.yaml" --domains legal,financial,medical \
+  --repetition-penalty "${RP:-1.1}" --out "$out"
