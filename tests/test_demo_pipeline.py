@@ -91,11 +91,16 @@ def test_a_vector_trained_with_other_settings_is_not_reused(tmp_path):
     assert _trained_with(vector, ComposedTrainConfig())
     assert not _trained_with(vector, ComposedTrainConfig(fluency_weight=0.5))
     assert not _trained_with(vector, ComposedTrainConfig(steps=10))
-    # a record from before a field existed matches that field's default, and only the default
+    # a record from before a field existed matches the value the field declares for that time
+    # (fluency_rows: "all", what the term did before the flag), and nothing else
     del recorded["fluency_rows"]
     (vector / "meav_vector.json").write_text(json.dumps({"training": {**recorded, "log": []}}))
-    assert _trained_with(vector, ComposedTrainConfig())
+    assert _trained_with(vector, ComposedTrainConfig(fluency_rows="all"))
     assert not _trained_with(vector, ComposedTrainConfig(fluency_rows="target"))
+    # a field without that declaration: an old record lacking it is trained again
+    del recorded["fluency_top_k"]
+    (vector / "meav_vector.json").write_text(json.dumps({"training": {**recorded, "log": []}}))
+    assert not _trained_with(vector, ComposedTrainConfig(fluency_rows="all"))
 
 
 def test_medical_trains_with_the_rpo_anchor_and_safety_without(tmp_path):

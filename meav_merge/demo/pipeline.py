@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -169,6 +169,9 @@ def _fingerprint_vector(path: Path) -> str:
     return file_sha256([meta]).removeprefix("sha256:")[:16] if meta.is_file() else "missing"
 
 
+_ABSENT = object()
+
+
 def _trained_with(vector: Path, config) -> bool:
     """Whether ``vector`` exists and its recorded training configuration is ``config``: a run
     folder left by another configuration (an older default, a hand-run ``meav train``) is
@@ -178,10 +181,11 @@ def _trained_with(vector: Path, config) -> bool:
         return False
     recorded = json.loads(meta.read_text()).get("training") or {}
     wanted = json.loads(json.dumps(config.to_dict()))  # what the trainers record; tuples → lists
-    # a field added since the vector was trained is absent from its record; new fields default to
-    # the behaviour from before them, so absent counts as the default
-    default = json.loads(json.dumps(type(config)().to_dict()))
-    differ = sorted(k for k, v in wanted.items() if recorded.get(k, default[k]) != v)
+    # a field added since the vector was trained is absent from its record: its metadata says which
+    # value reproduces what the trainer did before it existed (a field without one retrains)
+    before = {f.name: f.metadata["recorded_before"] for f in fields(config)
+              if "recorded_before" in f.metadata}
+    differ = sorted(k for k, v in wanted.items() if recorded.get(k, before.get(k, _ABSENT)) != v)
     if differ:
         log.info("[demo] %s was trained with other settings (%s): training it again", vector, ", ".join(differ))
     return not differ

@@ -97,7 +97,7 @@ class ComposedTrainConfig:
     # level loss on two rows of three (docs/results/fluency_kl/, "The term on the target row only").
     fluency_rows: str = field(default="all", metadata=_help(
         "responses the fluency KL looks at: all three levels', or only the target level's",
-        choices=("all", "target")))
+        choices=("all", "target"), recorded_before="all"))
     fluency_top_k: int = field(default=16, metadata=_help(
         "base-model tokens kept per position for that KL; the rest share one bin", positive=True))
     max_length: int = field(default=256, metadata=_help("longest prompt + response in tokens", positive=True))
