@@ -9,9 +9,9 @@ base model answers the same queries for scale. Run from the repository root afte
     .venv/bin/python scripts/recipe_samples.py --out docs/results/recipe_samples
 
 Writes ``<out>/<recipe>/<domain>/{answers.jsonl,judged.json}``, ``summary.json`` and
-``samples.md`` (the README quotes it). ``--recipe-file FILE --domains a,b`` samples a recipe that is
-not shipped (named by the file's stem), e.g. one λ point of a study. A recipe whose inputs are missing is skipped with
-the reason, so a partial set of vectors still gives a partial report.
+``samples.md`` (the README quotes it). ``--recipe-file FILE --domains a,b`` samples a recipe that
+is not shipped (named by the file's stem), e.g. one λ point of a study. A recipe whose inputs are
+missing is skipped with the reason, so a partial set of vectors still gives a partial report.
 """
 
 from __future__ import annotations

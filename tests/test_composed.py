@@ -66,6 +66,8 @@ def test_composed_refuses_bad_input(tiny_dirs, composed_data, tmp_path):
         train_composed(tiny_dirs["base"], composed_data, tmp_path / "exists", list(TOPICS), cfg)
     with pytest.raises(ValueError, match="positive|must be"):
         ComposedTrainConfig(steps=0)
+    with pytest.raises(ValueError, match="fluency_rows: one of all, target"):
+        ComposedTrainConfig(fluency_rows="targets")
 
 
 def test_level_logprobs_equal_a_plain_forward_of_each_row(tiny_tokenizer):
