@@ -213,3 +213,16 @@ def test_data_split_write_round_trips_or_names_file_and_line(spec):
     for before, after in zip(rows, back):
         assert after.pop("split") in ("train", "validation", "test")
         assert after == before and list(after) == list(before)
+
+
+def test_an_id_with_a_lone_surrogate_gets_a_split(tmp_path):
+    # hypothesis found it: an id whose JSON holds "\ud800" reads back as a lone surrogate, and hashing
+    # it for its split with plain UTF-8 ended `meav data split --write` in an encode error naming no file
+    rec = {"id": "0-\ud800", "domain": "medical", "persona": "p", "query": "q", "expert": "e x",
+           "generic": "g x", "avoidance": "a x"}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(rec) + "\n", encoding="ascii")
+    rc, _, err = cli("data", "split", path, "--write")
+    assert rc == 0, err
+    (back,) = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()]
+    assert back["id"] == "0-\ud800" and back["split"] in ("train", "validation", "test")

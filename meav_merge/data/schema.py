@@ -93,7 +93,9 @@ class Record:
 
 
 def _split_key(record_id: str) -> str:
-    return hashlib.sha256(record_id.encode()).hexdigest()
+    # surrogatepass: an id may hold a lone surrogate (a JSON "\ud800" escape reads back as one), which
+    # plain UTF-8 refuses to encode; every other id hashes to the same bytes as before
+    return hashlib.sha256(record_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def split_of(record_id: str) -> str:
