@@ -206,16 +206,16 @@ def test_meav_merge_command_is_atomic(tiny_dirs, vectors, tmp_path):
 
 
 def test_all_finite_is_exact_when_the_sum_overflows():
-    # the kernel's finiteness check sums first; a sum that overflows from finite values must not
+    # the finiteness check (merge kernel, vector extraction) sums first; a sum that overflows from finite values must not
     # read as a NaN vector, and a NaN or Inf anywhere must still be caught
     import torch
 
-    from meav_merge.merge.method import _all_finite
+    from meav_merge.vectors.alignment_vector import all_finite
 
     big = torch.full((4, 4), 3e38, dtype=torch.float32)
-    assert not torch.isfinite(big.sum()) and _all_finite(big)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
     for bad in (float("nan"), float("inf"), float("-inf")):
         t = torch.ones(4, 4)
         t[2, 3] = bad
-        assert not _all_finite(t)
-    assert _all_finite(torch.zeros(3, dtype=torch.bfloat16))
+        assert not all_finite(t)
+    assert all_finite(torch.zeros(3, dtype=torch.bfloat16))

@@ -235,8 +235,16 @@ def provenance(vec: AlignmentVector) -> dict:
     return out
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, by one reduction instead of a bool tensor the size
+    of ``t`` (isfinite + all was ~1 s of a 4.4 s merge of the 135M model): NaN and ±Inf carry
+    through a sum, so a finite sum proves every element finite; a sum that overflows from finite
+    values falls back to the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(name: str, t: torch.Tensor, where: str) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if t.is_floating_point() and not all_finite(t):
         raise VectorError(f"{where}: tensor {name} contains NaN or Inf")
 
 
