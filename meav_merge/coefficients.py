@@ -138,16 +138,19 @@ def check_string(value: Any, key: str) -> str:
     return value
 
 
-def check_config_numbers(config: Any) -> None:
-    """Every int/float field of a ``*Config`` dataclass checked as its flag would be (type,
-    finiteness, the ``minimum``/``positive`` in its metadata), so the Python API refuses
-    what the CLI refuses."""
+def check_config_fields(config: Any) -> None:
+    """Every field of a ``*Config`` dataclass checked as its flag would be: one of the
+    ``choices`` in its metadata; an int/float also for type, finiteness and the
+    ``minimum``/``positive`` in its metadata. So the Python API refuses what the CLI refuses."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise CoefficientError(f"{f.name}: one of {', '.join(map(str, choices))}, got {value!r}")
         kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
         if value is None or not kinds & {int, float}:
             continue
