@@ -87,8 +87,9 @@ class ComposedTrainConfig:
         minimum=0))
     # Off by default: at 1.0 the insurance samples stop looping (distinct-2 with repetition penalty 1.1
     # 0.97 / 0.97 / 0.96, was 0.85 / 0.79 / 0.75) but legal expert is lost at λ = +1 and no λ checked
-    # meets all three insurance targets on test. At 0.5 on the target row the text is fluent and the
-    # insurance targets hold, but 21 of the 27 combinations (24 at 0; the goal is 22) (docs/results/fluency_kl/).
+    # meets all three insurance targets on test. At 0.5 or 0.4 on the target row the text is fluent
+    # and the insurance targets hold, but 21 of the 27 combinations (24 at 0; the goal is 22), the
+    # same six misses at both (docs/results/fluency_kl/).
     fluency_weight: float = field(default=0.0, metadata=_help(
         "weight of the KL divergence from the base model's next-token distribution on the responses "
         "(0: off); keeps summed vectors from drifting greedy text into loops, at a cost in level control "
