@@ -89,19 +89,20 @@ def main():
     for name, recipe in recipes.items():
         (work / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
     whole = {name: [] for name in (*recipes, "io_floor")}
+    orders = [list(recipes), list(reversed(recipes))]
     # interleaved like the after-start-up runs below: the whole-process runs once went all meav,
     # then all task_arithmetic, so a load change mid-run showed up as a ratio (1.04-1.12x on one commit)
     for i in range(args.repeats):
         # the order alternates, so neither method always starts right after the other's 540 MB
         # write (two profiles of the same imports differed by 1.7 s; write-back is one suspect)
-        for name in (list(recipes) if i % 2 == 0 else list(reversed(recipes))):
+        for name in orders[i % 2]:
             whole[name].append(run_measured([mk, str(work / f"{name}.yaml"), str(work / f"out-{name}-{i}")]))
         whole["io_floor"].append(run_measured([sys.executable, "-c", IO_FLOOR, str(work / f"floor-{i}.safetensors"),
                                                str(model / "model.safetensors"), str(vector / "model.safetensors")]))
     results = {name: (median([r[0] for r in runs]), median([r[1] for r in runs])) for name, runs in whole.items()}
     inner = {name: [] for name in results}
     for i in range(args.repeats):  # interleaved, so load drift hits the three alike
-        for name in (list(recipes) if i % 2 == 0 else list(reversed(recipes))):
+        for name in orders[i % 2]:
             inner[name].append(_after_startup([str(work / f"{name}.yaml"), str(work / f"in-{name}-{i}")]))
         inner["io_floor"].append(_after_startup(["floor", str(work / f"in-floor-{i}.safetensors"),
                                                  str(model / "model.safetensors"), str(vector / "model.safetensors")]))
