@@ -208,8 +208,6 @@ def test_meav_merge_command_is_atomic(tiny_dirs, vectors, tmp_path):
 def test_all_finite_is_exact_when_the_sum_overflows():
     # the finiteness check (merge kernel, vector extraction) sums first; a sum that overflows from finite values must not
     # read as a NaN vector, and a NaN or Inf anywhere must still be caught
-    import torch
-
     from meav_merge.vectors.alignment_vector import all_finite
 
     big = torch.full((4, 4), 3e38, dtype=torch.float32)
