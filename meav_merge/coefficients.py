@@ -28,6 +28,14 @@ def _bounds(x: float, key: str, minimum: Optional[float], positive: bool) -> Non
         raise CoefficientError(f"{key}: must be at least {minimum:g}, not {x:g}")
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real int or float and finite: YAML's ``true`` and ``"0.5"`` and JSON's ``NaN`` are not.
+
+    For callers that raise their own error type (HTTP settings, vector tools); the rest
+    use ``check_number``, which also names the key and checks bounds."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_number(value: Any, key: str, *, integer: bool = False, minimum: Optional[float] = None,
                  positive: bool = False) -> float | int:
     """An already-parsed value (YAML/JSON): a real int or float, finite, within bounds."""

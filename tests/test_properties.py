@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from meav_merge.cli.main import main
-from meav_merge.coefficients import MAX_POINTS, CoefficientError, parse_lambdas, parse_number
+from meav_merge.coefficients import (MAX_POINTS, CoefficientError, check_number, is_finite_number, parse_lambdas,
+                                     parse_number)
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -88,6 +89,20 @@ def test_single_numbers_are_finite_or_name_the_key(text):
         assert len(lines(str(e))) == 1 and str(e).startswith("--alpha: ")
     else:
         assert math.isfinite(x) and x >= 0
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(st.one_of(st.floats(), st.integers(), st.booleans(), st.text(max_size=6), st.none(),
+                 st.sampled_from(["nan", "0.5", "true", float("inf")])))
+def test_the_bare_finiteness_check_accepts_what_check_number_accepts(value):
+    # the serving settings and the vector tools raise their own errors on this predicate;
+    # it must not let through anything the keyed check refuses, nor refuse what it accepts
+    try:
+        check_number(value, "key")
+    except CoefficientError:
+        assert not is_finite_number(value)
+    else:
+        assert is_finite_number(value)
 
 
 # --- recipes -------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 import uuid
 from typing import Any, List
@@ -21,6 +20,7 @@ from typing import Any, List
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from meav_merge.coefficients import is_finite_number
 from meav_merge.serving.engine import Result, Sequence_
 from meav_merge.serving.scheduler import Scheduler
 from meav_merge.serving.settings import Registry, SettingError
@@ -58,7 +58,7 @@ def _float(body: dict, key: str, default: float, lo: float, hi: float) -> float:
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+    if not is_finite_number(v) or not lo <= v <= hi:
         raise SettingError(key, f"{key}: must be a finite number in [{lo}, {hi}], got {v!r}")
     return float(v)
 

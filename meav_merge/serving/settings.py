@@ -16,6 +16,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import yaml
 
+from meav_merge.coefficients import is_finite_number
+
 Setting = Tuple[Tuple[str, float], ...]
 BASE_NAMES = ("base",)
 
@@ -114,7 +116,7 @@ def _entry_lambda(params: dict, model: str, where: str) -> float:
 
         return resolve_level(AlignmentVector.load(model).meta, str(params["level"]), where)
     lam = params.get("lambda")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+    if not is_finite_number(lam):
         raise ValueError(f"{where}: lambda must be one finite number to serve it, got {lam!r}")
     return float(lam)
 

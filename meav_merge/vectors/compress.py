@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -26,6 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
+from meav_merge.coefficients import is_finite_number
 from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files, write_safetensors
 from meav_merge.vectors.alignment_vector import LOWRANK_NAME, META_NAME, AlignmentVector, VectorError
 
@@ -38,8 +38,7 @@ def _check_settings(rank: Optional[int], energy: Optional[float]) -> None:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise VectorError(f"compress: rank must be a positive integer, got {rank!r}")
     if energy is not None:
-        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not math.isfinite(energy) \
-                or not 0 < energy <= 1:
+        if not is_finite_number(energy) or not 0 < energy <= 1:
             raise VectorError(f"compress: energy must be a number in (0, 1], got {energy!r}")
 
 

@@ -18,6 +18,7 @@ from typing import Dict, List
 
 import torch
 
+from meav_merge.coefficients import is_finite_number
 from meav_merge.io.checkpoint import atomic_output_dir, copy_model_files
 from meav_merge.vectors.alignment_vector import AlignmentVector, VectorError
 
@@ -57,7 +58,7 @@ def export_peft(vector: str | os.PathLike, base: str | os.PathLike, out: str | o
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise VectorError(f"export: scale must be a finite number, got {scale!r}")
     vec = AlignmentVector.load(vector)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
