@@ -200,3 +200,12 @@ def test_trunk_warm_shares_the_common_prompt_prefix(tiny_dirs):
     assert (emb.misses, emb.hits) == (misses, hits + 6)  # every row came from the warmed cache
     assert _common_prefix([(1, 2, 3), (1, 2)]) == (1,)  # every prompt keeps a token of its own
     assert _common_prefix([(5, 2), (1, 2)]) == () and _common_prefix([(1, 2)]) == ()
+
+
+@pytest.mark.parametrize("kw, key", [({"beta": float("nan")}, "beta"), ({"learning_rate": "1e-4"}, "learning_rate"),
+                                     ({"seed": True}, "seed"), ({"precision": "fp16"}, "precision"),
+                                     ({"save_steps": 2.5}, "save_steps"), ({"num_train_epochs": 0}, "num_train_epochs")])
+def test_train_config_refuses_what_its_flags_refuse(kw, key):
+    # the Python API gets the same one-line, keyed refusal as `meav train --beta nan`
+    with pytest.raises(ValueError, match=f"^{key}: "):
+        MeavTrainConfig(**kw)

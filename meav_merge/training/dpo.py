@@ -118,6 +118,10 @@ class MeavTrainConfig:
                     self.trainable_layers = value
             elif getattr(self, key) is None:
                 setattr(self, key, value)
+        from meav_merge.coefficients import check_config_fields
+
+        # after the preset fills its fields, so a preset's own values are checked too
+        check_config_fields(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
