@@ -18,8 +18,9 @@ The loss is the quantity preference accuracy ranks: a softmax over the three lev
 token-mean log-probs (scaled by ``sharpness``), plus an NLL anchor on the target
 response so probability mass is not moved onto text in neither response, plus a
 *fluency* term: the KL divergence from the base model's next-token distribution at every
-position of the response the step's λ asks for (``fluency_rows``), under that λ. The NLL anchor only watches the one
-token the data has at each position; the rest of the distribution was free to drift, and
+position of the response the step's λ asks for (``fluency_rows``), under that λ. The NLL
+anchor only watches the one token the data has at each position; the rest of the
+distribution was free to drift, and
 summed vectors drifted it onto a few words ("like", "can also") that greedy decoding then
 loops on (README, "Shipped recipes"). The KL watches the whole distribution, so the
 ranking is reached with the smallest change that reaches it, as in DPO's KL-regularized
