@@ -28,12 +28,21 @@ def _bounds(x: float, key: str, minimum: Optional[float], positive: bool) -> Non
         raise CoefficientError(f"{key}: must be at least {minimum:g}, not {x:g}")
 
 
+def _finite(x: float | int) -> bool:
+    # an int past float's range (a 400-digit `lambda:` in YAML) makes math.isfinite raise
+    # OverflowError; as a coefficient it is as unusable as inf
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def is_finite_number(value: Any) -> bool:
     """A real int or float and finite: YAML's ``true`` and ``"0.5"`` and JSON's ``NaN`` are not.
 
     For callers that raise their own error type (HTTP settings, vector tools); the rest
     use ``check_number``, which also names the key and checks bounds."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and _finite(value)
 
 
 def check_number(value: Any, key: str, *, integer: bool = False, minimum: Optional[float] = None,
@@ -43,10 +52,10 @@ def check_number(value: Any, key: str, *, integer: bool = False, minimum: Option
         what = f"the string {value!r}" if isinstance(value, str) else repr(value)
         raise CoefficientError(f"{key}: must be {'an integer' if integer else 'a number'}, not {what}")
     if integer and not isinstance(value, int):
-        if not (math.isfinite(value) and float(value).is_integer()):
+        if not (_finite(value) and float(value).is_integer()):
             raise CoefficientError(f"{key}: must be an integer, not {value!r}")
         value = int(value)
-    if not integer and not math.isfinite(value):
+    if not integer and not _finite(value):
         raise CoefficientError(f"{key}: must be a finite number, not {value!r}")
     _bounds(value, key, minimum, positive)
     return value

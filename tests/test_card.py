@@ -85,6 +85,15 @@ def test_full_run_has_no_partial_mark_and_lower_is_better_gets_a_down_arrow(merg
     assert "| t | bits | 1.000 | – | 5 |" in section
 
 
+def test_numbers_past_float_range_are_written_not_raised(merged):
+    # a JSON integer with 400 digits: math.isfinite and the timestamp conversion both raised on it
+    huge = 10**400
+    results = {"results": {"t": {"alias": "t", "acc,none": huge, "acc_stderr,none": 0.1}},
+               "higher_is_better": {"t": {"acc": True}}, "date": huge}
+    section = eval_section(add_eval_results(merged, results).read_text())
+    assert f"| t | acc ↑ | {huge} | 0.100 |" in section and "UTC" not in section
+
+
 def test_bad_results_are_one_line_errors(merged, tmp_path):
     with pytest.raises(FileNotFoundError, match="no lm-eval results_"):
         add_eval_results(merged, tmp_path)

@@ -156,6 +156,7 @@ def test_chat_and_models(setup):
     ("base", {"meav": {"dental": 1}}, "meav.dental"),
     ("base", {"meav": {"medical": "1"}}, "meav.medical"),
     ("base", {"meav": {"medical": True}}, "meav.medical"),
+    ("base", {"meav": {"medical": 10**400}}, "meav.medical"),  # a JSON integer past float's range
 ])
 def test_bad_settings_are_4xx_naming_the_field(setup, model, extra, param):
     import openai

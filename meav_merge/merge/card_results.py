@@ -11,11 +11,12 @@ level it wants (``pref_acc_target`` is that fraction).
 from __future__ import annotations
 
 import json
-import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Tuple
+
+from meav_merge.coefficients import is_finite_number
 
 EVAL_BEGIN = "<!-- meav:eval:begin -->"
 EVAL_END = "<!-- meav:eval:end -->"
@@ -144,7 +145,7 @@ def _n_cell(n: Optional[int], total: Optional[int]) -> str:
 def _num(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "–"  # lm-eval writes "N/A" for a stderr it could not compute
-    return f"{value:.3f}" if math.isfinite(value) else str(value)
+    return f"{value:.3f}" if is_finite_number(value) else str(value)
 
 
 def _source_line(results: dict, source: Optional[Path]) -> str:
@@ -154,6 +155,9 @@ def _source_line(results: dict, source: Optional[Path]) -> str:
     if results.get("lm_eval_version"):
         parts.append(f"lm-eval {results['lm_eval_version']}")
     date = results.get("date")
-    if isinstance(date, (int, float)) and math.isfinite(date):
-        parts.append(datetime.fromtimestamp(date, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    if is_finite_number(date):
+        try:
+            parts.append(datetime.fromtimestamp(date, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        except (OverflowError, OSError, ValueError):  # a date past what a timestamp can hold: leave it out
+            pass
     return "Results from " + ", ".join(parts) + "."

@@ -9,7 +9,6 @@ and the scheduler can group requests by them.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
@@ -38,7 +37,7 @@ def canonical(coefficients: Mapping[str, float]) -> Setting:
 def check_coefficient(value, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SettingError(field, f"{field}: coefficient must be a number, got {value!r}")
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise SettingError(field, f"{field}: coefficient must be finite, got {value!r}")
     return float(value)
 
