@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Optional
 
 from torch import nn
 
@@ -51,6 +52,18 @@ def _renumbered(layer: nn.Module, idx: int) -> nn.Module:
     attn.layer_idx = idx
     view._modules["self_attn"] = attn
     return view
+
+
+def sliding_window(config) -> Optional[int]:
+    """The window some layer attends within (Mistral's default, Qwen2's option), or None. Its KV cache
+    keeps only the window: right-padded contexts lose real tokens from it, and packed scoring
+    (``evaluation.packed``) cannot read it."""
+    if getattr(config, "use_sliding_window", None) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types and "sliding_attention" not in types:
+        return None
+    return getattr(config, "sliding_window", None) or None
 
 
 @functools.lru_cache(maxsize=1)

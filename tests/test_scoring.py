@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from meav_merge.data.schema import parse_record
-from meav_merge.evaluation.scoring import (chat_context, dominant, encode_pair, mean_logprobs, preference_accuracy, prepare,
-                                winners)
+from meav_merge.evaluation.scoring import (_shared_prefix, chat_context, dominant, encode_pair, mean_logprobs,
+                                          preference_accuracy, prepare, winners)
 
 
 def _recs():
@@ -37,9 +37,58 @@ def test_batched_prefix_scoring_equals_separate_forward_passes(tiny_dirs, batch_
     tok = AutoTokenizer.from_pretrained(str(tiny_dirs["base"]))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dirs["base"]), dtype=torch.float32).eval()
     prepared = prepare(tok, _recs())
+    assert _shared_prefix([q.context_ids for q in prepared]) > 0  # batches run a shared prefix once
     got = mean_logprobs(model, tok, prepared, progress=False, batch_size=batch_size)
     for q, row in zip(prepared, got):
         assert row == pytest.approx(naive(model, tok, q), abs=1e-5)
+
+
+@pytest.mark.parametrize("vocab_slice", [1, 7, 100, 384, 4096])
+def test_token_logprobs_in_vocabulary_slices_equals_log_softmax(vocab_slice):
+    from meav_merge.evaluation.scoring import token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 384, bias=True)
+    hidden = torch.randn(29, 16, requires_grad=True)
+    targets = torch.randint(0, 384, (29,))
+    targets[:3] = torch.tensor([0, 383, 256])  # the first and last token, and a slice boundary
+    want = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None])[:, 0]
+    got = token_logprobs(head, hidden, targets, vocab_slice=vocab_slice)
+    assert got.tolist() == pytest.approx(want.tolist(), abs=1e-5)
+    (g_want,) = torch.autograd.grad(want.sum(), hidden)
+    (g_got,) = torch.autograd.grad(got.sum(), hidden)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_a_model_whose_logits_are_not_a_linear_head_is_scored_from_its_logits(tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from meav_merge.evaluation.scoring import _head_is_linear
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=2,
+                                       n_positions=256)).eval()
+    assert not _head_is_linear(model)  # not a decoder layout the hidden-state path knows
+    prepared = prepare(tiny_tokenizer, _recs())
+    got = mean_logprobs(model, tiny_tokenizer, prepared, progress=False, batch_size=3)
+    for q, row in zip(prepared, got):
+        assert row == pytest.approx(naive(model, tiny_tokenizer, q), abs=1e-5)
+
+
+def test_a_sliding_window_model_is_scored_exactly(tiny_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from meav_merge.layers import sliding_window
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+    model = MistralForCausalLM(cfg).eval()
+    assert sliding_window(model.config) == 8  # far shorter than these queries: 3 to a batch was off by 0.013
+    prepared = prepare(tiny_tokenizer, _recs())
+    got = mean_logprobs(model, tiny_tokenizer, prepared, progress=False, batch_size=3)
+    for q, row in zip(prepared, got):
+        assert row == pytest.approx(naive(model, tiny_tokenizer, q), abs=1e-5)
 
 
 def test_encode_pair_moves_trailing_whitespace(tiny_tokenizer):

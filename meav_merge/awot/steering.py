@@ -201,15 +201,17 @@ class AWOTSteering:
         return state + offset
 
     def _pre_hook(self, module, args, kwargs):
-        if self.config.is_noop:
-            return None  # leave the call untouched: bit-identical to no steering
+        if self.config.is_noop:  # made a no-op after attach()
+            return None
         if args:
             return (self.tune(args[0]),) + tuple(args[1:]), kwargs
         key = next(iter(kwargs))  # e.g. input= / hidden_states=
         return args, {**kwargs, key: self.tune(kwargs[key])}
 
     def attach(self) -> "AWOTSteering":
-        if self._handle is None:
+        # A no-op steering registers nothing: the model runs exactly as unsteered, bit for bit
+        # (a hooked LM head is also scored through the module, not in vocabulary slices).
+        if self._handle is None and not self.config.is_noop:
             self._handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         return self
 

@@ -14,14 +14,16 @@ cache is computed once and repeated across the batch of continuations.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from meav_merge.data.schema import Record
-from meav_merge.layers import cache_arg, kv_cache
+from meav_merge.layers import SUPPORTED_MODEL_TYPES, cache_arg, kv_cache, sliding_window
 
 
 def chat_prompt(tokenizer, messages: Sequence[dict]) -> str:
@@ -118,13 +120,66 @@ def length_groups(lengths: Sequence[int], slack: float = 1.5) -> List[List[int]]
     return groups
 
 
-@torch.no_grad()
-def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[List[float]]:
-    """Score several queries at once: contexts run once (right-padded, KV kept), then every
-    response of every query continues from its own context, in batches of similar length
-    (``length_groups``). Padding holes are masked and positions continue from each context's
-    true length, so each row sees exactly its own context, as in a separate forward pass."""
-    device = next(model.parameters()).device
+def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   vocab_slice: int = 4096) -> torch.Tensor:
+    """log p(target) at each position of ``hidden`` (positions, hidden size), differentiable.
+
+    The logits exist one vocabulary slice at a time, (positions, ``vocab_slice``): each slice's
+    logsumexp and target logit are kept and the slice freed. On CPU this ran at the LM head's bare
+    matmul speed, 15% faster than one (positions, vocab) cross-entropy over the same positions
+    (0.49 against 0.58 s for 1024 positions of SmolLM2's 49k vocabulary), with 12x less memory."""
+    if not isinstance(lm_head, nn.Linear) or _has_hooks(lm_head) or len(hidden) == 0:
+        # through the module, so a hook on it (AWOT steers the LM head's input with one) is seen
+        return -nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+    weight, bias = lm_head.weight, lm_head.bias
+    lse = picked = None
+    for lo in range(0, weight.shape[0], vocab_slice):
+        hi = min(lo + vocab_slice, weight.shape[0])
+        logits = nn.functional.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
+        part = torch.logsumexp(logits, dim=-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+        here = logits.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
+        picked = torch.where((targets >= lo) & (targets < hi), here, 0.0 if picked is None else picked)
+    return picked - lse
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_forward_hooks)
+
+
+def _head_is_linear(model) -> bool:
+    """The logits are the LM head's linear map of the decoder's last hidden state, nothing after it
+    (no soft-capping or logit scale), so log-probs can be taken at the response positions alone."""
+    return (getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
+            and isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model"))
+
+
+def _logprobs_at(model, direct: bool, out, rows: torch.Tensor, cols: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) at positions (rows, cols) of a forward's output: from the hidden states through
+    ``token_logprobs`` when ``direct``, else from the full model's logits."""
+    if direct:
+        return token_logprobs(model.lm_head, out.last_hidden_state[rows, cols], targets)
+    return -nn.functional.cross_entropy(out.logits[rows, cols].float(), targets, reduction="none")
+
+
+def _shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every sequence starts with, leaving each at least one token of its own."""
+    n, limit = 0, min(len(x) for x in seqs) - 1
+    while n < limit and all(x[n] == seqs[0][n] for x in seqs):
+        n += 1
+    return n
+
+
+def _context_pass(body, direct: bool, queries: Sequence[PreparedQuery], pad_id: int, device):
+    """Run the contexts (right-padded to the longest) keeping their KV cache: (output, keep, offset).
+    The prefix every context shares (the chat template's system turn: 24 of ~150 tokens for SmolLM2)
+    runs once and its cache is repeated across the batch; ``offset`` is its length, so the output's
+    position ``i`` is context position ``offset + i``. ``keep``: the context positions whose logits
+    the full model returns (each context's last, which predicts a response's first token)."""
     lc = [len(q.context_ids) for q in queries]
     width_c = max(lc)
     ctx = torch.full((len(queries), width_c), pad_id, dtype=torch.long, device=device)
@@ -132,37 +187,92 @@ def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[L
     for i, q in enumerate(queries):
         ctx[i, : lc[i]] = torch.tensor(q.context_ids, device=device)
         ctx_mask[i, : lc[i]] = 1
-    # Only each context's last position predicts a response token: skip the other logits.
-    keep = sorted(set(n - 1 for n in lc))
-    out = model(input_ids=ctx, attention_mask=ctx_mask, use_cache=True,
-                logits_to_keep=torch.tensor(keep, device=device))
-    last = torch.stack([out.logits[i, keep.index(lc[i] - 1)] for i in range(len(queries))]).float()
-    first_logp = torch.log_softmax(last, dim=-1)
+    offset = _shared_prefix([q.context_ids for q in queries]) if len(queries) > 1 else 0
+    extra = {}
+    if offset:
+        shared = kv_cache(body(input_ids=ctx[:1, :offset], use_cache=True))
+        shared.batch_repeat_interleave(len(queries))
+        pos = torch.arange(offset, width_c, device=device)[None].expand(len(queries), -1)
+        extra = {cache_arg(): shared, "position_ids": pos}
+    keep = sorted(set(n - 1 - offset for n in lc))
+    if not direct:
+        extra["logits_to_keep"] = torch.tensor(keep, device=device)
+    out = body(input_ids=ctx[:, offset:], attention_mask=ctx_mask, use_cache=True, **extra)
+    return out, keep, offset
+
+
+PACKED_ROW_TOKENS = 4096  # responses per packed row, in tokens: bounds the LM head's (tokens, slice) logits
+
+
+@torch.no_grad()
+def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[List[float]]:
+    """Score several queries at once: contexts run once (``_context_pass``), then every response
+    continues from its own context's KV cache with positions numbered on from the context's true
+    length, so each sees exactly its own context, as in a separate forward pass. Decoders whose
+    logits are a linear head take log-probs at response positions only, and with full attention run
+    the responses packed in one row (``packed``); other models run padded batches of similar length
+    (``length_groups``)."""
+    device = next(model.parameters()).device
+    direct = _head_is_linear(model)
+    body = model.model if direct else model
+    lc = [len(q.context_ids) for q in queries]
+    out, keep, offset = _context_pass(body, direct, queries, pad_id, device)
     rows = [(qi, c) for qi, q in enumerate(queries) for c in q.continuations]
-    token_logps: List[List[torch.Tensor]] = [[first_logp[qi, c[0]]] for qi, c in rows]
+    owner = [qi for qi, _ in rows]
+    last = torch.tensor([lc[qi] - 1 - offset if direct else keep.index(lc[qi] - 1 - offset) for qi in owner],
+                        device=device)
+    first = _logprobs_at(model, direct, out, torch.tensor(owner, device=device), last,
+                         torch.tensor([c[0] for _, c in rows], device=device))
+    token_logps: List[List[float]] = [[lp] for lp in first.tolist()]
     longer = [r for r, (_, c) in enumerate(rows) if len(c) > 1]
-    for group in length_groups([len(rows[r][1]) for r in longer]):
-        group = [longer[g] for g in group]
-        width = max(len(rows[r][1]) for r in group) - 1
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long, device=device)
-        for j, r in enumerate(group):
-            c = rows[r][1]
-            ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=device)
-        cache = copy.deepcopy(kv_cache(out))
-        cache.reorder_cache(torch.tensor([rows[r][0] for r in group], device=device))  # each row's own context
-        pos, mask = continuation_layout([lc[rows[r][0]] for r in group], [len(rows[r][1]) - 1 for r in group],
-                                        width_c, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_arg(): cache},
-                       use_cache=False).logits
-        for j, r in enumerate(group):
-            c = rows[r][1]
-            lp = torch.log_softmax(logits[j, : len(c) - 1].float(), dim=-1)
-            token_logps[r].extend(lp.gather(1, torch.tensor(c[1:], device=device)[:, None])[:, 0])
+    packed = direct and sliding_window(model.config) is None
+    continue_rows = _packed_rows if packed else _padded_rows
+    for r, logps in continue_rows(model, body, direct, kv_cache(out), rows, longer, lc, pad_id, device):
+        token_logps[r].extend(logps)
     scores: List[List[float]] = [[] for _ in queries]
     for (qi, _), logps in zip(rows, token_logps):
-        own = torch.stack(logps)[queries[qi].n_whitespace:]
-        scores[qi].append(float(own.double().mean()))
+        own = torch.tensor(logps[queries[qi].n_whitespace:], dtype=torch.float64)
+        scores[qi].append(float(own.mean()))
     return scores
+
+
+def _packed_rows(model, body, direct: bool, cache, rows, which: Sequence[int], lc, pad_id: int, device):
+    """(row, log-probs of its tokens after the first) for the responses ``which``, packed end to end
+    (``evaluation.packed``), at most ``PACKED_ROW_TOKENS`` to a row."""
+    from meav_merge.evaluation.packed import packed_hidden
+
+    chunks: List[List[int]] = [[]]
+    for r in which:
+        if chunks[-1] and sum(len(rows[i][1]) - 1 for i in chunks[-1]) + len(rows[r][1]) - 1 > PACKED_ROW_TOKENS:
+            chunks.append([])
+        chunks[-1].append(r)
+    for chunk in (c for c in chunks if c):
+        hidden = packed_hidden(body, [torch.tensor(rows[r][1][:-1]) for r in chunk], [rows[r][0] for r in chunk],
+                               lc, cache)
+        targets = torch.tensor([t for r in chunk for t in rows[r][1][1:]], device=device)
+        got = iter(token_logprobs(model.lm_head, hidden, targets).tolist())
+        for r in chunk:
+            yield r, list(itertools.islice(got, len(rows[r][1]) - 1))
+
+
+def _padded_rows(model, body, direct: bool, cache, rows, which: Sequence[int], lc, pad_id: int, device):
+    """``_packed_rows`` for any causal LM: padded batches of similar length."""
+    width_c = max(lc)
+    for group in length_groups([len(rows[r][1]) for r in which]):
+        group = [which[g] for g in group]
+        n_in = [len(rows[r][1]) - 1 for r in group]  # a response's inputs: its tokens but the last
+        ids = torch.full((len(group), max(n_in)), pad_id, dtype=torch.long, device=device)
+        for j, r in enumerate(group):
+            ids[j, : n_in[j]] = torch.tensor(rows[r][1][:-1], device=device)
+        own_cache = copy.deepcopy(cache)
+        own_cache.reorder_cache(torch.tensor([rows[r][0] for r in group], device=device))  # each row's own context
+        pos, mask = continuation_layout([lc[rows[r][0]] for r in group], n_in, width_c, device)
+        step = body(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_arg(): own_cache}, use_cache=False)
+        at = torch.tensor([(j, t) for j, n in enumerate(n_in) for t in range(n)], device=device)
+        targets = torch.tensor([t for r in group for t in rows[r][1][1:]], device=device)
+        got = iter(_logprobs_at(model, direct, step, at[:, 0], at[:, 1], targets).tolist())
+        for r, n in zip(group, n_in):
+            yield r, list(itertools.islice(got, n))
 
 
 def mean_logprobs(model, tokenizer, prepared: Sequence[PreparedQuery], progress: bool = True,
@@ -173,6 +283,9 @@ def mean_logprobs(model, tokenizer, prepared: Sequence[PreparedQuery], progress:
     between calls; without it every call runs the full model."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
+    window = sliding_window(model.config)
+    if window and any(len(q.context_ids) + max(map(len, q.continuations)) > window for q in prepared):
+        batch_size = 1  # a window's cache of right-padded contexts would hold padding instead of their tokens
     score_batch = scorer.score if scorer is not None else (lambda chunk, pad_id: _score_batch(model, chunk, pad_id))
     out: List[List[float]] = []
     with tqdm(total=len(prepared), desc=desc, disable=not progress, leave=False) as bar:

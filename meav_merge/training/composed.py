@@ -150,7 +150,7 @@ def _queries(tokenizer, records, max_length: int) -> List[_Query]:
 def response_logprobs(head, params: dict, queries: Sequence[_Query]):
     """Next-token log-probs at every response position of every level of every query under
     ``head`` with ``params``: (positions, vocab), the positions' targets and each row's count.
-    The LM head's log-probs are computed here rather than by ``evaluation.top_layer.token_logprobs``:
+    The LM head's log-probs are computed here rather than by ``evaluation.scoring.token_logprobs``:
     its logsumexp form costs 0.1-0.2 s more per step in backward than the fused log-softmax."""
     import torch.nn.functional as F
 
