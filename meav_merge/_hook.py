@@ -76,6 +76,9 @@ def _patch(owner, attr: str, make) -> None:
 
 
 _WROTE = []  # output folders of meav merges in this process, for the run_yaml wrapper's last line
+# configs the run_merge wrapper has validated, while their merge runs: its planner need not read the
+# vectors' metadata and fingerprint the base a second time
+_VALIDATED = set()
 
 
 def _run_merge_wrapper(original):
@@ -90,7 +93,11 @@ def _run_merge_wrapper(original):
             if message:
                 raise RecipeError(message)
             validate_recipe(merge_config)
-        result = original(merge_config, out_path, *args, **kwargs)
+            _VALIDATED.add(id(merge_config))
+        try:
+            result = original(merge_config, out_path, *args, **kwargs)
+        finally:
+            _VALIDATED.discard(id(merge_config))
         if merge_config.merge_method == "meav":
             _WROTE.append(out_path)
         return result
@@ -119,7 +126,7 @@ def _run_yaml_wrapper(original):
 
 def _planner_wrapper(original):
     def __init__(self, config, *args, **kwargs):
-        if config.merge_method == "meav":
+        if config.merge_method == "meav" and id(config) not in _VALIDATED:  # the Python API's MergePlanner
             from meav_merge.merge.method import validate_recipe
 
             validate_recipe(config)

@@ -148,7 +148,8 @@ def test_shape_mismatch_and_aligned_checkpoint_without_unaligned(tiny_dirs, vect
     assert proc.returncode != 0 and "unaligned: <path" in proc.stderr
 
 
-def test_nan_vector_fails(tiny_dirs, vectors, tmp_path):
+@pytest.mark.parametrize("lam", [0.5, 0.0])  # at 0 the vector leaves no trace in the merged tensor
+def test_nan_vector_fails(tiny_dirs, vectors, tmp_path, lam):
     import shutil
 
     from safetensors.torch import save_file
@@ -159,7 +160,7 @@ def test_nan_vector_fails(tiny_dirs, vectors, tmp_path):
     sd["model.layers.0.mlp.down_proj.weight"][0, 0] = float("inf")
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
     recipe = {"merge_method": "meav", "base_model": str(tiny_dirs["base"]),
-              "models": [{"model": str(bad), "parameters": {"lambda": 0.5}}]}
+              "models": [{"model": str(bad), "parameters": {"lambda": lam}}]}
     proc = run_mergekit(recipe, tmp_path / "out", tmp_path, check=False)
     assert proc.returncode != 0
     assert "model.layers.0.mlp.down_proj.weight contains NaN or Inf" in proc.stderr

@@ -46,6 +46,9 @@ def test_fingerprint_separates_models_and_matches_copies(tiny_dirs, tmp_path):
     shutil.copytree(tiny_dirs["base"], copy)
     assert fingerprint(copy) == fingerprint(tiny_dirs["base"])
     assert fingerprint(tiny_dirs["aligned_a"]) != fingerprint(tiny_dirs["base"])
+    # kept per process, but not past a rewrite of the same folder's weights
+    shutil.copy(tiny_dirs["aligned_a"] / "model.safetensors", copy / "model.safetensors")
+    assert fingerprint(copy) == fingerprint(tiny_dirs["aligned_a"])
 
 
 def test_vector_arithmetic_norms_and_cosine(tiny_dirs, tmp_path):

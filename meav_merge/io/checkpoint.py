@@ -11,6 +11,7 @@ is named after its process id and removed by the next run into the same output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -133,7 +134,20 @@ def fingerprint(path: str | os.PathLike) -> str:
     Covers every tensor's name, shape and dtype plus its first and last rows, so
     two copies of the same weights agree, while a fine-tuned, perturbed or
     re-quantized model does not. Reading it costs a few MB even for a 7B model.
+    Kept per process while the weight files' sizes and modification times stay the same
+    (a meav merge asks for its base's three times: the recipe check, the vectors, the card).
     """
+    files = sorted(Path(path).glob("*.safetensors"))
+    return _fingerprint(str(Path(path).resolve()), tuple((f.name, *_stat(f)) for f in files))
+
+
+def _stat(file: Path) -> Tuple[int, int]:
+    st = file.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(path: str, files: tuple) -> str:
     ckpt = Checkpoint(path)
     h = hashlib.sha256()
     for name in ckpt.keys():

@@ -136,21 +136,35 @@ def meav_kernel(group: TensorGroup, /, **params: Any) -> torch.Tensor:
     out = target.to(acc_dtype).clone()
     for entry in group.non_base:
         lam = params["lambda"][entry.id]
-        delta = entry.tensor.to(acc_dtype)
-        unaligned = params["unaligned"][entry.id]
-        if unaligned:
-            delta = delta - _load_reference_tensor(unaligned, name).to(device=delta.device, dtype=acc_dtype)
-        if not all_finite(delta):
-            raise VectorError(f"{_entry_path(entry.id)}: tensor {name} contains NaN or Inf")
         if abs(float(lam)) > torch.finfo(acc_dtype).max:  # add_ would raise a bare overflow error
             raise VectorError(f"{_entry_path(entry.id)}: `lambda` {float(lam):g} is too large for {acc_dtype}")
+        delta = _delta(entry, name, acc_dtype, params)
         if lam != 0:
             out.add_(delta, alpha=float(lam))
+        elif not all_finite(delta):  # λ = 0 leaves no trace in the sum the check below reads
+            raise VectorError(f"{_entry_path(entry.id)}: tensor {name} contains NaN or Inf")
     merged = out.to(target.dtype)
-    if not all_finite(merged):  # a finite but huge λ (1e308) would write inf, exit 0
+    # One pass over the result instead of one per vector and one for the result: a NaN or Inf in a
+    # vector reaches the sum, so only a non-finite result needs to find its cause.
+    if not all_finite(merged):
+        for entry in group.non_base:
+            if not all_finite(_delta(entry, name, acc_dtype, params)):
+                raise VectorError(f"{_entry_path(entry.id)}: tensor {name} contains NaN or Inf")
+        if not all_finite(target):
+            raise VectorError(f"tensor {name} of the base model contains NaN or Inf")
+        # a finite but huge λ (1e308) would write inf, exit 0
         raise VectorError(f"tensor {name}: the merged values overflow {str(target.dtype).replace('torch.', '')}; "
                           "`lambda` is too large")
     return merged
+
+
+def _delta(entry, name: str, acc_dtype, params: dict) -> torch.Tensor:
+    """This entry's alignment vector for tensor ``name``: the vector's own tensor, or aligned − unaligned."""
+    delta = entry.tensor.to(acc_dtype)
+    unaligned = params["unaligned"][entry.id]
+    if unaligned:
+        delta = delta - _load_reference_tensor(unaligned, name).to(device=delta.device, dtype=acc_dtype)
+    return delta
 
 
 def build_method() -> FunctionalGroupMergeMethod:
