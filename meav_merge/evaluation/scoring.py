@@ -8,7 +8,8 @@ tail of encode(context + continuation)); the moved whitespace tokens are then le
 out of the mean, so the number is the paper's and the lm-eval task gives the same.
 
 The three responses of a query share one forward pass over the context: its KV
-cache is computed once and repeated across the batch of continuations.
+cache is computed once and every continuation reads it; on the decoder layouts
+``layers`` knows, the continuations run packed end to end in one row (``packed``).
 """
 
 from __future__ import annotations
