@@ -96,7 +96,8 @@ def _register() -> None:
 @contextlib.contextmanager
 def packed_attention_on(*modules) -> Iterator[None]:
     """Switch every config reachable from ``modules`` to ``packed_attention`` for the duration;
-    the attention implementations they had are restored after, on error too."""
+    the attention implementations they had are restored after, on error too. The switch is on the
+    model's config, so not for a model another thread runs meanwhile (scoring runs in one thread)."""
     _register()
     configs = {id(c): c for m in modules for sub in m.modules() if (c := getattr(sub, "config", None)) is not None}
     before = {k: c._attn_implementation for k, c in configs.items()}

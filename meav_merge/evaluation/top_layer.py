@@ -21,7 +21,7 @@ LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")  # a decoder layer's tensor, 
 def top_layer_scorer(model, changing: Sequence[str]) -> Optional["TopLayerScorer"]:
     """A ``TopLayerScorer`` when every changing tensor is in the top layers or the final norm, else None."""
     if (getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES or not changing
-            or sliding_window(model.config)):  # its responses run packed (evaluation.packed)
+            or sliding_window(model.config)):  # packed responses (evaluation.packed) need full attention
         return None
     n = model.config.num_hidden_layers
     lowest = n
