@@ -237,23 +237,34 @@ def _score_batch(model, queries: Sequence[PreparedQuery], pad_id: int) -> List[L
     return scores
 
 
-def _packed_rows(model, body, direct: bool, cache, rows, which: Sequence[int], lc, pad_id: int, device):
-    """(row, log-probs of its tokens after the first) for the responses ``which``, packed end to end
-    (``evaluation.packed``), at most ``PACKED_ROW_TOKENS`` to a row."""
+def packed_logprobs(body, lm_head: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[Sequence[int]],
+                    owners: Sequence[int], context_lengths: Sequence[int], cache) -> List[List[float]]:
+    """log p of each response's ``targets``, its ``inputs`` (ids or embeddings) run packed end to end
+    in one row over its own context's KV cache (``evaluation.packed.packed_hidden``)."""
     from meav_merge.evaluation.packed import packed_hidden
 
+    hidden = packed_hidden(body, inputs, owners, context_lengths, cache)
+    got = iter(token_logprobs(lm_head, hidden, torch.tensor([t for ts in targets for t in ts],
+                                                            device=hidden.device)).tolist())
+    return [list(itertools.islice(got, len(ts))) for ts in targets]
+
+
+def _packed_rows(model, body, direct: bool, cache, rows, which: Sequence[int], lc, pad_id: int, device):
+    """(row, log-probs of its tokens after the first) for the responses ``which``, packed end to end,
+    at most ``PACKED_ROW_TOKENS`` to a row."""
     chunks: List[List[int]] = [[]]
+    tokens = 0
     for r in which:
-        if chunks[-1] and sum(len(rows[i][1]) - 1 for i in chunks[-1]) + len(rows[r][1]) - 1 > PACKED_ROW_TOKENS:
+        n = len(rows[r][1]) - 1
+        if chunks[-1] and tokens + n > PACKED_ROW_TOKENS:
             chunks.append([])
+            tokens = 0
         chunks[-1].append(r)
+        tokens += n
     for chunk in (c for c in chunks if c):
-        hidden = packed_hidden(body, [torch.tensor(rows[r][1][:-1]) for r in chunk], [rows[r][0] for r in chunk],
-                               lc, cache)
-        targets = torch.tensor([t for r in chunk for t in rows[r][1][1:]], device=device)
-        got = iter(token_logprobs(model.lm_head, hidden, targets).tolist())
-        for r in chunk:
-            yield r, list(itertools.islice(got, len(rows[r][1]) - 1))
+        got = packed_logprobs(body, model.lm_head, [torch.tensor(rows[r][1][:-1]) for r in chunk],
+                              [rows[r][1][1:] for r in chunk], [rows[r][0] for r in chunk], lc, cache)
+        yield from zip(chunk, got)
 
 
 def _padded_rows(model, body, direct: bool, cache, rows, which: Sequence[int], lc, pad_id: int, device):

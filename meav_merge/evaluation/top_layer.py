@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -11,8 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from meav_merge.evaluation.packed import packed_hidden
-from meav_merge.evaluation.scoring import token_logprobs
+from meav_merge.evaluation.scoring import packed_logprobs, token_logprobs
 from meav_merge.layers import SUPPORTED_MODEL_TYPES, cache_arg, kv_cache, sliding_window, sub_model
 
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")  # a decoder layer's tensor, and its index
@@ -118,12 +116,10 @@ class TopLayerScorer:
         longer = [r for r in range(len(rows)) if len(rows[r][2])]
         for s in range(0, len(longer), self.rows_per_batch):
             batch = longer[s:s + self.rows_per_batch]
-            hidden = packed_hidden(self.top, [rows[r][2] for r in batch], [rows[r][0] for r in batch], lc,
-                                   kv_cache(out))
-            targets = torch.tensor([t for r in batch for t in rows[r][1][1:]])
-            got = iter(token_logprobs(self.model.lm_head, hidden, targets).tolist())
-            for r in batch:
-                logps[r].extend(itertools.islice(got, len(rows[r][2])))
+            got = packed_logprobs(self.top, self.model.lm_head, [rows[r][2] for r in batch],
+                                  [rows[r][1][1:] for r in batch], [rows[r][0] for r in batch], lc, kv_cache(out))
+            for r, lps in zip(batch, got):
+                logps[r].extend(lps)
         scores, r = [], 0
         for q in queries:
             scores.append([float(torch.tensor(logps[r + i], dtype=torch.float64)[q.n_whitespace:].mean())
