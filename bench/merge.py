@@ -5,7 +5,8 @@ in its own process so peak memory is per method. Prints medians of --repeats run
 the ratios, twice: for the whole process (what `mergekit-yaml` costs on a 135M model, where
 starting Python and importing torch, transformers and mergekit is a fixed ~5 s), and after
 start-up (the merge alone, timed inside a process that has already imported everything:
-what a user merging a 7B model sees). Usage: .venv/bin/python bench/merge.py [--repeats 3]
+what a user merging a 7B model sees). Two vectors: dense (every tensor changed) and top4 (what the
+CPU preset trains). Usage: .venv/bin/python bench/merge.py [--repeats 3] [--case dense|top4|both]
 """
 
 import argparse
@@ -66,16 +67,19 @@ def _after_startup(args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    model = ensure_model()
-    work = Path(tempfile.mkdtemp(prefix="meav-bench-merge-"))
-    aligned = perturbed_copy(model, work / "aligned")
+# dense: every tensor changed, the worst case for the merge (a full-model DPO vector). top4: only
+# the top 4 layers and the final norm, what `meav train`'s CPU preset writes (its vector stores
+# ~10% of the base); task_arithmetic reads the whole aligned model either way.
+CASES = {"dense": 0, "top4": 4}
+
+
+def _case(model: Path, work: Path, top_layers: int):
+    """(recipes by method, floor inputs) for one kind of vector."""
     from meav_merge.vectors.alignment_vector import extract_vector
 
-    vector = work / "vector"
+    name = "dense" if not top_layers else f"top{top_layers}"
+    aligned = perturbed_copy(model, work / f"aligned-{name}", top_layers=top_layers)
+    vector = work / f"vector-{name}"
     if not vector.exists():
         extract_vector(aligned, model, vector)
     recipes = {
@@ -85,38 +89,58 @@ def main():
                             "parameters": {"normalize": False},
                             "models": [{"model": str(aligned), "parameters": {"weight": -0.5}}]},
     }
+    paths = {}
+    for method, recipe in recipes.items():
+        paths[method] = work / f"{name}-{method}.yaml"
+        paths[method].write_text(yaml.safe_dump(recipe))
+    return paths, [str(model / "model.safetensors"), str(vector / "model.safetensors")]
+
+
+def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: int) -> None:
     mk = str(Path(sys.executable).with_name("mergekit-yaml"))
-    for name, recipe in recipes.items():
-        (work / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    whole = {name: [] for name in (*recipes, "io_floor")}
+    whole = {method: [] for method in (*recipes, "io_floor")}
+    inner = {method: [] for method in whole}
     orders = [list(recipes), list(reversed(recipes))]
-    # interleaved like the after-start-up runs below: the whole-process runs once went all meav,
-    # then all task_arithmetic, so a load change mid-run showed up as a ratio (1.04-1.12x on one commit)
-    for i in range(args.repeats):
-        # the order alternates, so neither method always starts right after the other's 540 MB
-        # write (two profiles of the same imports differed by 1.7 s; write-back is one suspect)
-        for name in orders[i % 2]:
-            whole[name].append(run_measured([mk, str(work / f"{name}.yaml"), str(work / f"out-{name}-{i}")]))
-        whole["io_floor"].append(run_measured([sys.executable, "-c", IO_FLOOR, str(work / f"floor-{i}.safetensors"),
-                                               str(model / "model.safetensors"), str(vector / "model.safetensors")]))
-    results = {name: (median([r[0] for r in runs]), median([r[1] for r in runs])) for name, runs in whole.items()}
-    inner = {name: [] for name in results}
-    for i in range(args.repeats):  # interleaved, so load drift hits the three alike
-        for name in orders[i % 2]:
-            inner[name].append(_after_startup([str(work / f"{name}.yaml"), str(work / f"in-{name}-{i}")]))
-        inner["io_floor"].append(_after_startup(["floor", str(work / f"in-floor-{i}.safetensors"),
-                                                 str(model / "model.safetensors"), str(vector / "model.safetensors")]))
+    # interleaved: the whole-process runs once went all meav, then all task_arithmetic, so a load
+    # change mid-run showed up as a ratio (1.04-1.12x on one commit); the order alternates, so
+    # neither method always starts right after the other's 540 MB write
+    for i in range(repeats):
+        for method in orders[i % 2]:
+            whole[method].append(run_measured([mk, str(recipes[method]), str(work / f"out-{name}-{method}-{i}")]))
+        whole["io_floor"].append(run_measured([sys.executable, "-c", IO_FLOOR,
+                                               str(work / f"floor-{name}-{i}.safetensors"), *floor_inputs]))
+    for i in range(repeats):
+        for method in orders[i % 2]:
+            inner[method].append(_after_startup([str(recipes[method]), str(work / f"in-{name}-{method}-{i}")]))
+        inner["io_floor"].append(_after_startup(["floor", str(work / f"in-floor-{name}-{i}.safetensors"),
+                                                 *floor_inputs]))
+    print(f"\n== {name} vector ==")
     print(f"{'method':<16} {'seconds':>8} {'peak MiB':>9} {'after start-up s':>17}")
-    for name, (s, m) in results.items():
-        print(f"{name:<16} {s:8.2f} {m:9.0f} {median(inner[name]):17.2f}")
-    per_run = [w[0] / t[0] for w, t in zip(whole["meav"], whole["task_arithmetic"])]
+    for method, runs in whole.items():
+        print(f"{method:<16} {median([r[0] for r in runs]):8.2f} {median([r[1] for r in runs]):9.0f} "
+              f"{median(inner[method]):17.2f}")
+    per_run = [m[0] / t[0] for m, t in zip(whole["meav"], whole["task_arithmetic"])]
     print("whole process, meav / task_arithmetic per repeat: " + " ".join(f"{r:.2f}x" for r in per_run))
-    (ms, mm), (ts, tm), (fs, fm) = results["meav"], results["task_arithmetic"], results["io_floor"]
+    ms, ts, fs = (median([r[0] for r in whole[k]]) for k in ("meav", "task_arithmetic", "io_floor"))
+    mm, tm, fm = (median([r[1] for r in whole[k]]) for k in ("meav", "task_arithmetic", "io_floor"))
     mi, ti, fi = (median(inner[k]) for k in ("meav", "task_arithmetic", "io_floor"))
-    print(f"\nwhole process   meav / task_arithmetic: time {ms / ts:.2f}x, peak memory {mm / tm:.2f}x")
+    print(f"whole process   meav / task_arithmetic: time {ms / ts:.2f}x, peak memory {mm / tm:.2f}x")
     print(f"whole process   meav / I/O floor:       time {ms / fs:.2f}x, peak memory {mm / fm:.2f}x")
     print(f"after start-up  meav / task_arithmetic: time {mi / ti:.2f}x")
     print(f"after start-up  meav / I/O floor:       time {mi / fi:.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--case", choices=[*CASES, "both"], default="both")
+    args = ap.parse_args()
+    model = ensure_model()
+    work = Path(tempfile.mkdtemp(prefix="meav-bench-merge-"))
+    for name, top_layers in CASES.items():
+        if args.case in (name, "both"):
+            recipes, floor_inputs = _case(model, work, top_layers)
+            _measure(work, name, recipes, floor_inputs, args.repeats)
 
 
 if __name__ == "__main__":

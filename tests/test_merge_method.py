@@ -218,3 +218,27 @@ def test_all_finite_is_exact_when_the_sum_overflows():
         t[2, 3] = bad
         assert not all_finite(t)
     assert all_finite(torch.zeros(3, dtype=torch.bfloat16))
+
+
+def test_kernel_copies_only_what_a_vector_changes():
+    # a tensor no vector changes is the base's own (a CPU-preset vector touches ~10% of the tensors,
+    # and copying the rest cost a pass over the whole model); a changed one is base + λ·v in a new
+    # tensor, the base left as it was, at λ = 0 too
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
+
+    from meav_merge.merge.method import meav_kernel
+
+    base = torch.randn(4, 3)
+    kept = base.clone()
+    meta = TensorMetadata(name="w")
+    untouched = TensorGroup([TensorEntry("base", base, is_base=True)], meta)
+    assert meav_kernel(untouched, **{"lambda": {}, "unaligned": {}}) is base
+    v1, v2 = torch.randn(4, 3), torch.randn(4, 3)
+    group = TensorGroup([TensorEntry("base", base, is_base=True), TensorEntry("a", v1), TensorEntry("b", v2)], meta)
+    params = {"lambda": {"a": 0.5, "b": -1.5}, "unaligned": {"a": "", "b": ""}}
+    merged = meav_kernel(group, **params)
+    assert torch.equal(merged, torch.add(kept, v1, alpha=0.5).add_(v2, alpha=-1.5)) and torch.equal(base, kept)
+    merged[0, 0] = 99.0
+    assert torch.equal(base, kept)
+    zero = meav_kernel(group, **{**params, "lambda": {"a": 0.0, "b": 0.0}})
+    assert torch.equal(zero, kept)
