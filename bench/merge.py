@@ -114,7 +114,9 @@ def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: 
             inner[method].append(_after_startup([str(recipes[method]), str(work / f"in-{name}-{method}-{i}")]))
         inner["io_floor"].append(_after_startup(["floor", str(work / f"in-floor-{name}-{i}.safetensors"),
                                                  *floor_inputs]))
-    print(f"\n== {name} vector ==")
+    # the same math, so the same weights: a speed-up of the kernel must not change them
+    worst = _max_difference(work / f"out-{name}-meav-0", work / f"out-{name}-task_arithmetic-0")
+    print(f"\n== {name} vector ==  (meav vs task_arithmetic weights: max |diff| {worst:.1e})")
     print(f"{'method':<16} {'seconds':>8} {'peak MiB':>9} {'after start-up s':>17}")
     for method, runs in whole.items():
         print(f"{method:<16} {median([r[0] for r in runs]):8.2f} {median([r[1] for r in runs]):9.0f} "
@@ -128,6 +130,24 @@ def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: 
     print(f"whole process   meav / I/O floor:       time {ms / fs:.2f}x, peak memory {mm / fm:.2f}x")
     print(f"after start-up  meav / task_arithmetic: time {mi / ti:.2f}x")
     print(f"after start-up  meav / I/O floor:       time {mi / fi:.2f}x")
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    from safetensors import safe_open
+
+    worst = 0.0
+    with safe_open(str(a / "model.safetensors"), "pt") as fa, safe_open(str(b / "model.safetensors"), "pt") as fb:
+        if set(fa.keys()) != set(fb.keys()):
+            sys.exit(f"{a} and {b} hold different tensors")
+        for k in fa.keys():
+            worst = max(worst, (fa.get_tensor(k) - fb.get_tensor(k)).abs().max().item())
+    if worst > TOLERANCE:
+        sys.exit(f"meav and task_arithmetic differ by {worst:.2e} (> {TOLERANCE:g})")
+    return worst
+
+
+# base + λ·v against base + λ·(aligned − base): v was rounded once when stored, so float32 rounding
+TOLERANCE = 1e-6
 
 
 def main():
