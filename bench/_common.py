@@ -27,6 +27,18 @@ def run_measured(cmd, env=None) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def scratch(prefix: str) -> Path:
+    """A temporary folder removed when the script exits: a merge bench run writes ~30 merged
+    135M models, and leaving them filled /tmp (26 GB per run of bench/merge.py)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
 def ensure_model() -> Path:
     if not (MODEL / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "meav_merge.cli.main", "base", "--out", str(MODEL)], check=True)

@@ -11,15 +11,15 @@ CPU preset trains). Usage: .venv/bin/python bench/merge.py [--repeats 3] [--case
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ensure_model, median, perturbed_copy, run_measured  # noqa: E402
+from _common import ensure_model, median, perturbed_copy, run_measured, scratch  # noqa: E402
 
 # The floor's work, one definition for both measurements: read every input tensor, write them out.
 COPY_TENSORS = """
@@ -104,18 +104,26 @@ def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: 
     # interleaved: the whole-process runs once went all meav, then all task_arithmetic, so a load
     # change mid-run showed up as a ratio (1.04-1.12x on one commit); the order alternates, so
     # neither method always starts right after the other's 540 MB write
+    # every output is removed once timed (outside the timing), but the first pair, compared below
     for i in range(repeats):
         for method in orders[i % 2]:
             whole[method].append(run_measured([mk, str(recipes[method]), str(work / f"out-{name}-{method}-{i}")]))
+            if i:
+                shutil.rmtree(work / f"out-{name}-{method}-{i}")
         whole["io_floor"].append(run_measured([sys.executable, "-c", IO_FLOOR,
-                                               str(work / f"floor-{name}-{i}.safetensors"), *floor_inputs]))
+                                               str(work / f"floor-{name}.safetensors"), *floor_inputs]))
+        (work / f"floor-{name}.safetensors").unlink()
     for i in range(repeats):
         for method in orders[i % 2]:
-            inner[method].append(_after_startup([str(recipes[method]), str(work / f"in-{name}-{method}-{i}")]))
-        inner["io_floor"].append(_after_startup(["floor", str(work / f"in-floor-{name}-{i}.safetensors"),
+            inner[method].append(_after_startup([str(recipes[method]), str(work / f"in-{name}-{method}")]))
+            shutil.rmtree(work / f"in-{name}-{method}")
+        inner["io_floor"].append(_after_startup(["floor", str(work / f"floor-{name}.safetensors"),
                                                  *floor_inputs]))
+        (work / f"floor-{name}.safetensors").unlink()
     # the same math, so the same weights: a speed-up of the kernel must not change them
     worst = _max_difference(work / f"out-{name}-meav-0", work / f"out-{name}-task_arithmetic-0")
+    for method in recipes:
+        shutil.rmtree(work / f"out-{name}-{method}-0")
     print(f"\n== {name} vector ==  (meav vs task_arithmetic weights: max |diff| {worst:.1e})")
     print(f"{'method':<16} {'seconds':>8} {'peak MiB':>9} {'after start-up s':>17}")
     for method, runs in whole.items():
@@ -154,9 +162,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--case", choices=[*CASES, "both"], default="both")
+    ap.add_argument("--model", type=Path, help="base model folder (default: the embedded SmolLM2-135M); "
+                    "mergekit's per-merge overhead is fixed, so the ratio to the I/O floor depends on the size")
     args = ap.parse_args()
-    model = ensure_model()
-    work = Path(tempfile.mkdtemp(prefix="meav-bench-merge-"))
+    model = args.model or ensure_model()
+    work = scratch("meav-bench-merge-")
     for name, top_layers in CASES.items():
         if args.case in (name, "both"):
             recipes, floor_inputs = _case(model, work, top_layers)

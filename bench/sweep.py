@@ -16,14 +16,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, ensure_model, perturbed_copy  # noqa: E402
+from _common import ROOT, ensure_model, perturbed_copy, scratch  # noqa: E402
 
 from meav_merge.vectors.calibration import DEFAULT_LAMBDAS  # noqa: E402
 
@@ -37,7 +36,7 @@ def main():
     ap.add_argument("--disk-points", type=int, default=3, help="points of that grid timed by merge + reload + lm-eval")
     args = ap.parse_args()
     model = ensure_model()
-    work = Path(tempfile.mkdtemp(prefix="meav-bench-sweep-"))
+    work = scratch("meav-bench-sweep-")
     if args.vector:
         vector = Path(args.vector)
     else:

@@ -11,12 +11,11 @@ covers the whole dataset). Usage: .venv/bin/python bench/train.py [--domain medi
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, ensure_model  # noqa: E402
+from _common import ROOT, ensure_model, scratch  # noqa: E402
 
 
 def _mm_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
@@ -89,7 +88,7 @@ def main():
         return
     from meav_merge.training.dpo import MeavTrainConfig, train_vector
 
-    work = Path(tempfile.mkdtemp(prefix="meav-bench-train-"))
+    work = scratch("meav-bench-train-")
     t = time.perf_counter()
     out = train_vector(model, ROOT / "data", work / "fast", domain=args.domain, config=MeavTrainConfig())
     fast_total = time.perf_counter() - t
