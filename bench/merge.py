@@ -104,19 +104,25 @@ def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: 
     # interleaved: the whole-process runs once went all meav, then all task_arithmetic, so a load
     # change mid-run showed up as a ratio (1.04-1.12x on one commit); the order alternates, so
     # neither method always starts right after the other's 540 MB write
-    # every output is removed once timed (outside the timing), but the first pair, compared below
+    # every output is removed once timed (outside the timing), but the first pair, compared below;
+    # each run starts after os.sync(), so none pays for the write-back of the one before it (or of
+    # the inputs just written: on a 1.1B-shape model that alone moved a run by ~2x)
     for i in range(repeats):
         for method in orders[i % 2]:
+            os.sync()
             whole[method].append(run_measured([mk, str(recipes[method]), str(work / f"out-{name}-{method}-{i}")]))
             if i:
                 shutil.rmtree(work / f"out-{name}-{method}-{i}")
+        os.sync()
         whole["io_floor"].append(run_measured([sys.executable, "-c", IO_FLOOR,
                                                str(work / f"floor-{name}.safetensors"), *floor_inputs]))
         (work / f"floor-{name}.safetensors").unlink()
     for i in range(repeats):
         for method in orders[i % 2]:
+            os.sync()
             inner[method].append(_after_startup([str(recipes[method]), str(work / f"in-{name}-{method}")]))
             shutil.rmtree(work / f"in-{name}-{method}")
+        os.sync()
         inner["io_floor"].append(_after_startup(["floor", str(work / f"floor-{name}.safetensors"),
                                                  *floor_inputs]))
         (work / f"floor-{name}.safetensors").unlink()
