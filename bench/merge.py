@@ -73,11 +73,10 @@ def _after_startup(args) -> float:
 CASES = {"dense": 0, "top4": 4}
 
 
-def _case(model: Path, work: Path, top_layers: int):
+def _case(model: Path, work: Path, name: str, top_layers: int):
     """(recipes by method, floor inputs) for one kind of vector."""
     from meav_merge.vectors.alignment_vector import extract_vector
 
-    name = "dense" if not top_layers else f"top{top_layers}"
     aligned = perturbed_copy(model, work / f"aligned-{name}", top_layers=top_layers)
     vector = work / f"vector-{name}"
     if not vector.exists():
@@ -96,54 +95,65 @@ def _case(model: Path, work: Path, top_layers: int):
     return paths, [str(model / "model.safetensors"), str(vector / "model.safetensors")]
 
 
+def _timed_runs(work: Path, label: str, methods: list, repeats: int, launch, keep_first: bool = False) -> dict:
+    """{method or "io_floor": [what ``launch(method, out)`` measured, per repeat]}; ``label`` names the outputs.
+
+    Interleaved: the whole-process runs once went all meav, then all task_arithmetic, so a load change
+    mid-run showed up as a ratio (1.04-1.12x on one commit); the order alternates, so neither method
+    always starts right after the other's 540 MB write. Each run starts after os.sync(), so none pays
+    for the write-back of the one before it (or of the inputs just written: on a 1.1B-shape model that
+    alone moved a run by ~2x), and its output is removed once timed (outside the timing), but for the
+    first repeat's merges with ``keep_first``, which the caller compares."""
+    runs = {method: [] for method in (*methods, "io_floor")}
+    orders = [list(methods), list(reversed(methods))]
+    for i in range(repeats):
+        for method in (*orders[i % 2], "io_floor"):
+            out = work / (f"{label}-floor.safetensors" if method == "io_floor" else f"{label}-{method}-{i}")
+            os.sync()
+            runs[method].append(launch(method, out))
+            if method == "io_floor":
+                out.unlink()
+            elif not (keep_first and i == 0):
+                shutil.rmtree(out)
+    return runs
+
+
 def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: int) -> None:
     mk = str(Path(sys.executable).with_name("mergekit-yaml"))
-    whole = {method: [] for method in (*recipes, "io_floor")}
-    inner = {method: [] for method in whole}
-    orders = [list(recipes), list(reversed(recipes))]
-    # interleaved: the whole-process runs once went all meav, then all task_arithmetic, so a load
-    # change mid-run showed up as a ratio (1.04-1.12x on one commit); the order alternates, so
-    # neither method always starts right after the other's 540 MB write
-    # every output is removed once timed (outside the timing), but the first pair, compared below;
-    # each run starts after os.sync(), so none pays for the write-back of the one before it (or of
-    # the inputs just written: on a 1.1B-shape model that alone moved a run by ~2x)
-    for i in range(repeats):
-        for method in orders[i % 2]:
-            os.sync()
-            whole[method].append(run_measured([mk, str(recipes[method]), str(work / f"out-{name}-{method}-{i}")]))
-            if i:
-                shutil.rmtree(work / f"out-{name}-{method}-{i}")
-        os.sync()
-        whole["io_floor"].append(run_measured([sys.executable, "-c", IO_FLOOR,
-                                               str(work / f"floor-{name}.safetensors"), *floor_inputs]))
-        (work / f"floor-{name}.safetensors").unlink()
-    for i in range(repeats):
-        for method in orders[i % 2]:
-            os.sync()
-            inner[method].append(_after_startup([str(recipes[method]), str(work / f"in-{name}-{method}")]))
-            shutil.rmtree(work / f"in-{name}-{method}")
-        os.sync()
-        inner["io_floor"].append(_after_startup(["floor", str(work / f"floor-{name}.safetensors"),
-                                                 *floor_inputs]))
-        (work / f"floor-{name}.safetensors").unlink()
+
+    def whole_process(method, out):
+        if method == "io_floor":
+            return run_measured([sys.executable, "-c", IO_FLOOR, str(out), *floor_inputs])
+        return run_measured([mk, str(recipes[method]), str(out)])
+
+    def after_startup(method, out):
+        if method == "io_floor":
+            return _after_startup(["floor", str(out), *floor_inputs])
+        return _after_startup([str(recipes[method]), str(out)])
+
+    whole = _timed_runs(work, f"whole-{name}", list(recipes), repeats, whole_process, keep_first=True)
+    inner = _timed_runs(work, f"inner-{name}", list(recipes), repeats, after_startup)
     # the same math, so the same weights: a speed-up of the kernel must not change them
-    worst = _max_difference(work / f"out-{name}-meav-0", work / f"out-{name}-task_arithmetic-0")
+    worst = _max_difference(work / f"whole-{name}-meav-0", work / f"whole-{name}-task_arithmetic-0")
     for method in recipes:
-        shutil.rmtree(work / f"out-{name}-{method}-0")
+        shutil.rmtree(work / f"whole-{name}-{method}-0")
+    results = {k: (median([r[0] for r in runs]), median([r[1] for r in runs]), median(inner[k]))
+               for k, runs in whole.items()}
     print(f"\n== {name} vector ==  (meav vs task_arithmetic weights: max |diff| {worst:.1e})")
     print(f"{'method':<16} {'seconds':>8} {'peak MiB':>9} {'after start-up s':>17}")
-    for method, runs in whole.items():
-        print(f"{method:<16} {median([r[0] for r in runs]):8.2f} {median([r[1] for r in runs]):9.0f} "
-              f"{median(inner[method]):17.2f}")
+    for method, (seconds, mib, after) in results.items():
+        print(f"{method:<16} {seconds:8.2f} {mib:9.0f} {after:17.2f}")
     per_run = [m[0] / t[0] for m, t in zip(whole["meav"], whole["task_arithmetic"])]
     print("whole process, meav / task_arithmetic per repeat: " + " ".join(f"{r:.2f}x" for r in per_run))
-    ms, ts, fs = (median([r[0] for r in whole[k]]) for k in ("meav", "task_arithmetic", "io_floor"))
-    mm, tm, fm = (median([r[1] for r in whole[k]]) for k in ("meav", "task_arithmetic", "io_floor"))
-    mi, ti, fi = (median(inner[k]) for k in ("meav", "task_arithmetic", "io_floor"))
+    (ms, mm, mi), (ts, tm, ti), (fs, fm, fi) = results["meav"], results["task_arithmetic"], results["io_floor"]
     print(f"whole process   meav / task_arithmetic: time {ms / ts:.2f}x, peak memory {mm / tm:.2f}x")
     print(f"whole process   meav / I/O floor:       time {ms / fs:.2f}x, peak memory {mm / fm:.2f}x")
     print(f"after start-up  meav / task_arithmetic: time {mi / ti:.2f}x")
     print(f"after start-up  meav / I/O floor:       time {mi / fi:.2f}x")
+
+
+# base + λ·v against base + λ·(aligned − base): v was rounded once when stored, so float32 rounding
+TOLERANCE = 1e-6
 
 
 def _max_difference(a: Path, b: Path) -> float:
@@ -160,10 +170,6 @@ def _max_difference(a: Path, b: Path) -> float:
     return worst
 
 
-# base + λ·v against base + λ·(aligned − base): v was rounded once when stored, so float32 rounding
-TOLERANCE = 1e-6
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -175,7 +181,7 @@ def main():
     work = scratch("meav-bench-merge-")
     for name, top_layers in CASES.items():
         if args.case in (name, "both"):
-            recipes, floor_inputs = _case(model, work, top_layers)
+            recipes, floor_inputs = _case(model, work, name, top_layers)
             _measure(work, name, recipes, floor_inputs, args.repeats)
 
 
