@@ -1,4 +1,8 @@
-"""`meav` merge vs mergekit's task_arithmetic vs the I/O floor, on the embedded model.
+"""`meav` merge vs mergekit's task_arithmetic vs two I/O floors, on the embedded model.
+
+The floors copy the inputs' tensors to one output file: io_floor lets the write page the inputs
+in, read_floor reads every input tensor first, as a merge must (see FLOORS below for why the two
+differ at scale on this machine).
 
 Same inputs, same math (θ = θ_base + λ·(θ_aligned − θ_base), normalize: false); each run
 in its own process so peak memory is per method. Prints medians of --repeats runs and
@@ -21,24 +25,35 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ensure_model, median, perturbed_copy, run_measured, scratch  # noqa: E402
 
-# The floor's work, one definition for both measurements: read every input tensor, write them out.
+# The floors' work, one definition for both measurements: open every input tensor, write them out.
+# io_floor leaves the reading to the write (the inputs are mmapped, so write() pages them in);
+# read_floor reads every tensor first, as any merge does (meav checks each tensor is finite, task_
+# arithmetic subtracts). On this machine's kernel (6.18, ext4 large folios, a Firecracker guest) the
+# difference is large at scale: a write() whose source is already mapped is copied into large page-
+# cache folios, which allocate slowly here, while one that faults mid-copy falls back to 4 KiB folios.
+# Writing a 4.7 GB mapping after reading it took 8.6-17 s against 4.0-4.6 s without the read, and
+# 3.9 / 6.1 / 11.4 s in 16 KiB / 64 KiB / 256 MiB write() calls (bench/README.md, 2026-12-07).
+FLOORS = ("io_floor", "read_floor")
 COPY_TENSORS = """
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def copy_tensors(dst, paths):
+def copy_tensors(dst, paths, read_first):
     out = {}
     for path in paths:
         with safe_open(path, "pt") as f:
             for k in f.keys():
                 out[k] = f.get_tensor(k)
+    if read_first:
+        for t in out.values():
+            t.sum()
     save_file(out, dst)
 """
 
 IO_FLOOR = COPY_TENSORS + """
 import sys
-copy_tensors(sys.argv[1], sys.argv[2:])
+copy_tensors(sys.argv[2], sys.argv[3:], sys.argv[1] == "read_floor")
 """
 
 # The same work after start-up: imports first, then only the merge (or the floor's I/O) is timed.
@@ -51,8 +66,8 @@ from mergekit.options import MergeOptions
 import meav_merge.merge.method  # what the .pth hook would import on first use of mergekit.merge_methods
 
 started = time.perf_counter()
-if sys.argv[1] == "floor":
-    copy_tensors(sys.argv[2], sys.argv[3:])
+if sys.argv[1] in ("io_floor", "read_floor"):
+    copy_tensors(sys.argv[2], sys.argv[3:], sys.argv[1] == "read_floor")
 else:
     config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
     run_merge(config, sys.argv[2], options=MergeOptions(quiet=True))
@@ -96,7 +111,7 @@ def _case(model: Path, work: Path, name: str, top_layers: int):
 
 
 def _timed_runs(work: Path, label: str, methods: list, repeats: int, launch, keep_first: bool = False) -> dict:
-    """{method or "io_floor": [what ``launch(method, out)`` measured, per repeat]}; ``label`` names the outputs.
+    """{method or floor: [what ``launch(method, out)`` measured, per repeat]}; ``label`` names the outputs.
 
     Interleaved: the whole-process runs once went all meav, then all task_arithmetic, so a load change
     mid-run showed up as a ratio (1.04-1.12x on one commit); the order alternates, so neither method
@@ -104,14 +119,14 @@ def _timed_runs(work: Path, label: str, methods: list, repeats: int, launch, kee
     for the write-back of the one before it (or of the inputs just written: on a 1.1B-shape model that
     alone moved a run by ~2x), and its output is removed once timed (outside the timing), but for the
     first repeat's merges with ``keep_first``, which the caller compares."""
-    runs = {method: [] for method in (*methods, "io_floor")}
+    runs = {method: [] for method in (*methods, *FLOORS)}
     orders = [list(methods), list(reversed(methods))]
     for i in range(repeats):
-        for method in (*orders[i % 2], "io_floor"):
-            out = work / (f"{label}-floor.safetensors" if method == "io_floor" else f"{label}-{method}-{i}")
+        for method in (*orders[i % 2], *FLOORS):
+            out = work / (f"{label}-{method}.safetensors" if method in FLOORS else f"{label}-{method}-{i}")
             os.sync()
             runs[method].append(launch(method, out))
-            if method == "io_floor":
+            if method in FLOORS:
                 out.unlink()
             elif not (keep_first and i == 0):
                 shutil.rmtree(out)
@@ -122,13 +137,13 @@ def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: 
     mk = str(Path(sys.executable).with_name("mergekit-yaml"))
 
     def whole_process(method, out):
-        if method == "io_floor":
-            return run_measured([sys.executable, "-c", IO_FLOOR, str(out), *floor_inputs])
+        if method in FLOORS:
+            return run_measured([sys.executable, "-c", IO_FLOOR, method, str(out), *floor_inputs])
         return run_measured([mk, str(recipes[method]), str(out)])
 
     def after_startup(method, out):
-        if method == "io_floor":
-            return _after_startup(["floor", str(out), *floor_inputs])
+        if method in FLOORS:
+            return _after_startup([method, str(out), *floor_inputs])
         return _after_startup([str(recipes[method]), str(out)])
 
     whole = _timed_runs(work, f"whole-{name}", list(recipes), repeats, whole_process, keep_first=True)
@@ -145,11 +160,14 @@ def _measure(work: Path, name: str, recipes: dict, floor_inputs: list, repeats: 
         print(f"{method:<16} {seconds:8.2f} {mib:9.0f} {after:17.2f}")
     per_run = [m[0] / t[0] for m, t in zip(whole["meav"], whole["task_arithmetic"])]
     print("whole process, meav / task_arithmetic per repeat: " + " ".join(f"{r:.2f}x" for r in per_run))
-    (ms, mm, mi), (ts, tm, ti), (fs, fm, fi) = results["meav"], results["task_arithmetic"], results["io_floor"]
+    (ms, mm, mi), (ts, tm, ti) = results["meav"], results["task_arithmetic"]
     print(f"whole process   meav / task_arithmetic: time {ms / ts:.2f}x, peak memory {mm / tm:.2f}x")
-    print(f"whole process   meav / I/O floor:       time {ms / fs:.2f}x, peak memory {mm / fm:.2f}x")
+    for floor in FLOORS:
+        fs, fm, fi = results[floor]
+        print(f"whole process   meav / {floor}:{' ' * (16 - len(floor))}time {ms / fs:.2f}x, peak memory {mm / fm:.2f}x")
     print(f"after start-up  meav / task_arithmetic: time {mi / ti:.2f}x")
-    print(f"after start-up  meav / I/O floor:       time {mi / fi:.2f}x")
+    for floor in FLOORS:
+        print(f"after start-up  meav / {floor}:{' ' * (16 - len(floor))}time {mi / results[floor][2]:.2f}x")
 
 
 # base + λ·v against base + λ·(aligned − base): v was rounded once when stored, so float32 rounding
