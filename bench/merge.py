@@ -31,8 +31,8 @@ from _common import ensure_model, median, perturbed_copy, run_measured, scratch 
 # arithmetic subtracts). On this machine's kernel (6.18, ext4 large folios, a Firecracker guest) the
 # difference is large at scale: a write() whose source is already mapped is copied into large page-
 # cache folios, which allocate slowly here, while one that faults mid-copy falls back to 4 KiB folios.
-# Writing a 4.7 GB mapping after reading it took 8.6-17 s against 4.0-4.6 s without the read, and
-# 3.9 / 6.1 / 11.4 s in 16 KiB / 64 KiB / 256 MiB write() calls (bench/README.md, 2026-12-07).
+# bench/write_after_read.py shows it without torch or mergekit: a 4.68 GB mapping written out took
+# 16.0 s after one read of it against 7.6 s without, and 2.6 s after the read in 64 KiB write() calls.
 FLOORS = ("io_floor", "read_floor")
 COPY_TENSORS = """
 from safetensors import safe_open
