@@ -34,18 +34,20 @@ from _common import ensure_model, median, perturbed_copy, run_measured, scratch 
 # bench/write_after_read.py shows it without torch or mergekit: a 4.68 GB mapping written out took
 # 16.0 s after one read of it against 7.6 s without, and 2.6 s after the read in 64 KiB write() calls.
 FLOORS = ("io_floor", "read_floor")
-COPY_TENSORS = """
+COPY_TENSORS = f"""
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+FLOORS = {FLOORS!r}
 
-def copy_tensors(dst, paths, read_first):
-    out = {}
+
+def copy_tensors(floor, dst, paths):
+    out = {{}}
     for path in paths:
         with safe_open(path, "pt") as f:
             for k in f.keys():
                 out[k] = f.get_tensor(k)
-    if read_first:
+    if floor == "read_floor":
         for t in out.values():
             t.sum()
     save_file(out, dst)
@@ -53,7 +55,7 @@ def copy_tensors(dst, paths, read_first):
 
 IO_FLOOR = COPY_TENSORS + """
 import sys
-copy_tensors(sys.argv[2], sys.argv[3:], sys.argv[1] == "read_floor")
+copy_tensors(sys.argv[1], sys.argv[2], sys.argv[3:])
 """
 
 # The same work after start-up: imports first, then only the merge (or the floor's I/O) is timed.
@@ -66,8 +68,8 @@ from mergekit.options import MergeOptions
 import meav_merge.merge.method  # what the .pth hook would import on first use of mergekit.merge_methods
 
 started = time.perf_counter()
-if sys.argv[1] in ("io_floor", "read_floor"):
-    copy_tensors(sys.argv[2], sys.argv[3:], sys.argv[1] == "read_floor")
+if sys.argv[1] in FLOORS:
+    copy_tensors(sys.argv[1], sys.argv[2], sys.argv[3:])
 else:
     config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
     run_merge(config, sys.argv[2], options=MergeOptions(quiet=True))
